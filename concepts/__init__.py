@@ -1,0 +1,1 @@
+"""The shared base: concept artifacts, the content-addressed store, base-model loading."""

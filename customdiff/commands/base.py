@@ -1,0 +1,22 @@
+"""`customdiff base create-tiny DIR`: write the tiny Stable-Diffusion-architecture base."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    base = sub.add_parser("base", help="base-model utilities").add_subparsers(dest="base_command", required=True)
+    tiny = base.add_parser("create-tiny", help="write a tiny SD-architecture base in diffusers format")
+    tiny.add_argument("dir", help="output directory")
+    tiny.add_argument("--seed", type=int, default=0, help="weight seed; the same seed gives the same bytes")
+    tiny.set_defaults(run=_create_tiny)
+
+
+def _create_tiny(args: argparse.Namespace) -> int:
+    from concepts.base import load_base
+    from concepts.tiny import create_tiny_base
+
+    path = create_tiny_base(args.dir, seed=args.seed)
+    print(f"wrote {path} (fingerprint {load_base(path).fingerprint})")
+    return 0
