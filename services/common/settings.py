@@ -1,0 +1,130 @@
+"""Service configuration: one YAML file (the Helm chart's ConfigMap) plus CUSTOMDIFF_* environment overrides.
+
+`Settings.load()` is called only in a `main()`; everything below receives a `Settings`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from concepts.errors import InvalidArgument
+
+LAUNCHERS = ("local", "kubernetes")
+
+
+def _from_dict(cls, data: dict[str, Any], where: str):
+    """Build a frozen dataclass from a dict, rejecting unknown keys (nested dataclasses included)."""
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise InvalidArgument(where, f"unknown key(s) {unknown}; known: {sorted(known)}")
+    kwargs = {}
+    for key, value in data.items():
+        sub = known[key].default_factory if known[key].default_factory is not dataclasses.MISSING else None
+        if sub is not None and dataclasses.is_dataclass(sub):
+            value = _from_dict(sub, value or {}, f"{where}.{key}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class KubernetesSettings:
+    """How the Kubernetes launcher builds training Jobs (see docs/deploy.md)."""
+
+    namespace: str = "default"
+    image: str = "customdiff-trainer:latest"
+    image_pull_policy: str = "IfNotPresent"
+    service_account: str = "customdiff-trainer"
+    node_selector: dict[str, str] = field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = field(default_factory=list)
+    # Per-pod resources besides GPUs, e.g. {"requests": {"cpu": "8", "memory": "64Gi"}}.
+    resources: dict[str, Any] = field(default_factory=dict)
+    # PVC holding the artifact store and job work directories, mounted at `store_mount_path`.
+    store_pvc: str = "customdiff-store"
+    store_mount_path: str = "/var/lib/customdiff"
+    base_model_pvc: str = ""
+    base_model_mount_path: str = "/models/base"
+    shm_size: str = "16Gi"
+    backoff_limit: int = 2
+    active_deadline_seconds: int = 6 * 3600
+    ttl_seconds_after_finished: int = 24 * 3600
+    rendezvous_port: int = 29500
+
+    def __post_init__(self) -> None:
+        if self.backoff_limit < 0:
+            raise InvalidArgument("kubernetes.backoff_limit", f"must be >= 0, got {self.backoff_limit}")
+        if self.active_deadline_seconds <= 0:
+            raise InvalidArgument("kubernetes.active_deadline_seconds", "must be > 0")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the three services and `customdiff serve` need."""
+
+    host: str = "127.0.0.1"
+    trainer_port: int = 50051
+    merger_port: int = 50052
+    inference_port: int = 50053
+    # SQLAlchemy URL of the registry; SQLite for one replica, PostgreSQL in a cluster.
+    database_url: str = "sqlite:///customdiff-data/registry.db"
+    # Artifact store: a directory or any fsspec URL (s3://...).
+    store_url: str = "customdiff-data/store"
+    # Working directory for job specs, inputs and logs.
+    work_dir: str = "customdiff-data/jobs"
+    # diffusers Stable Diffusion directory; empty builds the tiny base under work_dir.
+    base_model: str = ""
+    # API keys: a YAML/JSON file mapping key -> tenant, and/or "key=tenant,key=tenant".
+    api_keys_file: str = ""
+    api_keys: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    # Triton gRPC endpoint the InferenceService calls.
+    triton_url: str = "127.0.0.1:8001"
+    triton_model: str = "stable_diffusion"
+    launcher: str = "local"
+    max_concurrent_jobs: int = 1
+    max_message_bytes: int = 64 * 1024 * 1024
+    max_images_per_concept: int = 64
+    max_image_bytes: int = 16 * 1024 * 1024
+    kubernetes: KubernetesSettings = field(default_factory=KubernetesSettings)
+
+    def __post_init__(self) -> None:
+        if self.launcher not in LAUNCHERS:
+            raise InvalidArgument("launcher", f"must be one of {LAUNCHERS}, got {self.launcher!r}")
+        for name in ("trainer_port", "merger_port", "inference_port"):
+            port = getattr(self, name)
+            if not 0 <= port < 65536:
+                raise InvalidArgument(name, f"must be a TCP port (0-65535), got {port}")
+        if self.max_concurrent_jobs < 1:
+            raise InvalidArgument("max_concurrent_jobs", f"must be >= 1, got {self.max_concurrent_jobs}")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise InvalidArgument("tls_cert_file", "TLS needs both tls_cert_file and tls_key_file")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Settings":
+        return _from_dict(cls, data, "config")
+
+    @classmethod
+    def load(cls, config_file: str | None = None, environ: dict[str, str] | None = None) -> "Settings":
+        """YAML file (``--config`` or $CUSTOMDIFF_CONFIG), then CUSTOMDIFF_<KEY> overrides of top-level keys.
+
+        Environment values are parsed as JSON when they parse (numbers, objects), else taken as strings.
+        """
+        env = os.environ if environ is None else environ
+        path = config_file or env.get("CUSTOMDIFF_CONFIG", "")
+        data: dict[str, Any] = yaml.safe_load(Path(path).read_text()) or {} if path else {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(f"CUSTOMDIFF_{f.name.upper()}")
+            if raw is not None:
+                try:
+                    data[f.name] = json.loads(raw) if f.type not in ("str",) else raw
+                except ValueError:
+                    data[f.name] = raw
+        return cls.from_dict(data)
