@@ -67,3 +67,7 @@ class PermissionDenied(CustomDiffError):
 
 class Unauthenticated(CustomDiffError):
     reason = "UNAUTHENTICATED"
+
+
+class DeadlineExceeded(CustomDiffError):
+    reason = "DEADLINE_EXCEEDED"

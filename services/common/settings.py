@@ -56,12 +56,37 @@ class KubernetesSettings:
     active_deadline_seconds: int = 6 * 3600
     ttl_seconds_after_finished: int = 24 * 3600
     rendezvous_port: int = 29500
+    # Jobs carry it as `app.kubernetes.io/instance`; a launcher watches only its own instance's Jobs.
+    instance: str = "customdiff"
+    image_pull_secrets: list[str] = field(default_factory=list)
+    # Secrets whose keys become environment variables of training pods (e.g. object-store credentials).
+    env_from_secrets: list[str] = field(default_factory=list)
+    run_as_user: int = 1000
+    # Server-side watch timeout; also how often pending jobs' pods are checked for reasons to report.
+    watch_timeout_seconds: int = 60
+    request_timeout_seconds: float = 30.0
+    # Attempts after the first for transient API errors (429, 5xx, connection errors).
+    api_retries: int = 5
 
     def __post_init__(self) -> None:
         if self.backoff_limit < 0:
             raise InvalidArgument("kubernetes.backoff_limit", f"must be >= 0, got {self.backoff_limit}")
         if self.active_deadline_seconds <= 0:
             raise InvalidArgument("kubernetes.active_deadline_seconds", "must be > 0")
+        for name in ("namespace", "image", "store_pvc", "store_mount_path", "shm_size", "instance"):
+            if not getattr(self, name):
+                raise InvalidArgument(f"kubernetes.{name}", "must not be empty")
+        if self.ttl_seconds_after_finished < 0:
+            raise InvalidArgument("kubernetes.ttl_seconds_after_finished",
+                                  f"must be >= 0, got {self.ttl_seconds_after_finished}")
+        if not 0 < self.rendezvous_port < 65536:
+            raise InvalidArgument("kubernetes.rendezvous_port", f"must be a TCP port, got {self.rendezvous_port}")
+        if self.watch_timeout_seconds <= 0 or self.request_timeout_seconds <= 0:
+            raise InvalidArgument("kubernetes.watch_timeout_seconds",
+                                  f"watch and request timeouts must be > 0, got {self.watch_timeout_seconds} "
+                                  f"and {self.request_timeout_seconds}")
+        if self.api_retries < 0:
+            raise InvalidArgument("kubernetes.api_retries", f"must be >= 0, got {self.api_retries}")
 
 
 @dataclass(frozen=True)

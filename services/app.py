@@ -1,0 +1,98 @@
+"""Assembles the servers of one process from `Settings`: what `customdiff serve` and the tests start."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health
+
+from concepts.store import ArtifactStore
+from services.common.concept_servicer import concept_service
+from services.common.registry import Registry
+from services.common.server import build_server
+from services.common.settings import Settings
+
+log = logging.getLogger(__name__)
+COMPONENTS = ("trainer", "merger", "inference")
+
+
+@dataclass
+class Stack:
+    """Running servers and what to close when they stop."""
+
+    ports: dict[str, int] = field(default_factory=dict)
+    servers: list[tuple[grpc.Server, health.HealthServicer]] = field(default_factory=list)
+    closers: ExitStack = field(default_factory=ExitStack)
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        for server, health_servicer in self.servers:
+            health_servicer.enter_graceful_shutdown()
+        for event in [server.stop(grace_s) for server, _ in self.servers]:
+            event.wait()
+        self.closers.close()
+
+
+def resolve_base_model(settings: Settings) -> str:
+    """The configured base, or the tiny base built once under the work directory."""
+    if settings.base_model:
+        return settings.base_model
+    from concepts.tiny import create_tiny_base
+
+    tiny = Path(settings.work_dir).parent / "tiny-base"
+    if not (tiny / "model_index.json").exists():
+        log.info("no base_model configured: building the tiny base in %s", tiny)
+        create_tiny_base(tiny)
+    return str(tiny)
+
+
+def make_launcher(settings: Settings):
+    if settings.launcher == "kubernetes":
+        from services.trainer.launchers.kubernetes import KubernetesJobLauncher
+
+        return KubernetesJobLauncher.from_settings(settings)
+    from services.trainer.launchers.local import LocalProcessLauncher
+
+    return LocalProcessLauncher(settings.max_concurrent_jobs)
+
+
+def start_stack(settings: Settings, components: tuple[str, ...] = COMPONENTS, base_model: str | None = None) -> Stack:
+    """Start the gRPC servers of `components` (each with ConceptService, health and reflection)."""
+    registry = Registry(settings.database_url)
+    registry.migrate()
+    store = ArtifactStore(settings.store_url)
+    base = base_model or resolve_base_model(settings)
+    stack = Stack()
+    concepts = concept_service(registry, store)
+    for component in components:
+        if component == "trainer":
+            from services.trainer.jobs import TrainingJobs
+            from services.trainer.servicer import trainer_service
+
+            jobs = TrainingJobs(settings, registry, store, make_launcher(settings), base)
+            stack.closers.callback(jobs.close)
+            jobs.recover()
+            service, port = trainer_service(settings, registry, store, jobs), settings.trainer_port
+        elif component == "merger":
+            from services.merger.jobs import MergerJobs
+            from services.merger.servicer import merger_service
+
+            merger_jobs = MergerJobs(registry, store, base)
+            stack.closers.callback(merger_jobs.close)
+            merger_jobs.recover()
+            service, port = merger_service(registry, merger_jobs), settings.merger_port
+        elif component == "inference":
+            from services.inference.servicer import inference_service
+
+            service, port = inference_service(settings, registry), settings.inference_port
+        else:
+            raise ValueError(f"unknown component {component!r}; known: {COMPONENTS}")
+        server, bound, health_servicer = build_server(settings, [service, concepts], port)
+        server.start()
+        stack.servers.append((server, health_servicer))
+        stack.ports[component] = bound
+        log.info("%s listening on %s:%d", component, settings.host, bound)
+    return stack

@@ -1,0 +1,33 @@
+"""Streaming a job's events to a Watch RPC, shared by the trainer and merger services."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import grpc
+
+from services.common.models import JobRow
+from services.common.registry import TERMINAL_STATES, Registry
+
+POLL_S = 1.0
+
+
+def watch_job(registry: Registry, job_id: str, tenant: str, kind: str,
+              context: grpc.ServicerContext) -> Iterator[tuple[JobRow, str]]:
+    """Yield (job snapshot, log line): the current state first, then one item per event until the job ends.
+
+    A watcher that connects late gets the current state first and then only newer events. Ends when
+    the job reaches a terminal state or the client goes away.
+    """
+    last = registry.last_event_id(job_id)
+    row = registry.get_job(job_id, tenant, kind)  # NotFound for another tenant's job
+    yield row, ""
+    while row.state not in TERMINAL_STATES and context.is_active():
+        events = registry.events_after(job_id, last)
+        if not events:
+            registry.wait_for_change(POLL_S)
+            continue
+        for event in events:
+            last = event.id
+            row = registry.get_job(job_id)
+            yield row, event.log_line

@@ -1,0 +1,208 @@
+"""The registry: tenants' concepts and jobs in SQL (SQLite file by default, any SQLAlchemy URL in a cluster).
+
+Thread-safe: every method opens its own session. Watchers wait on an in-process condition and also
+poll, so events written by another replica are seen too.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import create_engine, event, func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from concepts.errors import NotFound
+from services.common.models import ConceptRow, JobEventRow, JobRow, utcnow
+
+TERMINAL_STATES = ("succeeded", "failed", "cancelled")
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+class Registry:
+    def __init__(self, url: str) -> None:
+        if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self.engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}
+                                    if url.startswith("sqlite") else {})
+        if url.startswith("sqlite"):
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._changed = threading.Condition()
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest alembic revision."""
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS))
+        with self.engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+
+    def _session(self) -> Session:
+        return self._sessions()
+
+    # Concepts ------------------------------------------------------------------------------------
+
+    def add_concept(self, tenant: str, name: str, digest: str, tokens: list[str], class_words: list[str],
+                    size_bytes: int, base_fingerprint: str, provenance: dict[str, Any]) -> ConceptRow:
+        """Register the next version of `name` for `tenant`."""
+        for _ in range(5):  # concurrent registrations of one name race for the version number
+            with self._session() as s:
+                latest = s.scalar(select(func.max(ConceptRow.version)).where(
+                    ConceptRow.tenant == tenant, ConceptRow.name == name)) or 0
+                row = ConceptRow(tenant=tenant, name=name, version=latest + 1, digest=digest, tokens=tokens,
+                                 class_words=class_words, size_bytes=size_bytes,
+                                 base_fingerprint=base_fingerprint, provenance=provenance)
+                s.add(row)
+                try:
+                    s.commit()
+                    return row
+                except IntegrityError:
+                    s.rollback()
+        raise RuntimeError(f"could not register a new version of concept {name!r}")
+
+    def get_concept(self, tenant: str, name: str, version: int = 0) -> ConceptRow:
+        """The version (0: latest) of the tenant's concept; another tenant's concept is NotFound too."""
+        with self._session() as s:
+            query = select(ConceptRow).where(ConceptRow.tenant == tenant, ConceptRow.name == name)
+            query = query.where(ConceptRow.version == version) if version else query.order_by(ConceptRow.version.desc())
+            row = s.scalars(query.limit(1)).first()
+        if row is None:
+            what = f"concept {name!r}" + (f" version {version}" if version else "")
+            raise NotFound(f"{what} not found")
+        return row
+
+    def get_concept_by_id(self, concept_id: int) -> ConceptRow:
+        with self._session() as s:
+            row = s.get(ConceptRow, concept_id)
+        if row is None:
+            raise NotFound(f"concept #{concept_id} not found")
+        return row
+
+    def list_concepts(self, tenant: str, name: str = "", offset: int = 0, limit: int = 50) -> list[ConceptRow]:
+        with self._session() as s:
+            query = select(ConceptRow).where(ConceptRow.tenant == tenant)
+            if name:
+                query = query.where(ConceptRow.name == name)
+            query = query.order_by(ConceptRow.name, ConceptRow.version).offset(offset).limit(limit)
+            return list(s.scalars(query))
+
+    def delete_concepts(self, tenant: str, name: str, version: int = 0) -> tuple[list[ConceptRow], list[str]]:
+        """Delete one version (or all, version 0); return the rows and the digests nothing references any more."""
+        with self._session() as s:
+            query = select(ConceptRow).where(ConceptRow.tenant == tenant, ConceptRow.name == name)
+            if version:
+                query = query.where(ConceptRow.version == version)
+            rows = list(s.scalars(query))
+            if not rows:
+                raise NotFound(f"concept {name!r}" + (f" version {version}" if version else "") + " not found")
+            for row in rows:
+                s.delete(row)
+            s.flush()
+            digests = {r.digest for r in rows}
+            still_used = set(s.scalars(select(ConceptRow.digest).where(ConceptRow.digest.in_(digests))))
+            s.commit()
+        return rows, sorted(digests - still_used)
+
+    # Jobs ----------------------------------------------------------------------------------------
+
+    def create_job(self, tenant: str, kind: str, request_id: str, concept_name: str,
+                   request: dict[str, Any]) -> tuple[JobRow, bool]:
+        """Record a queued job; with a known `request_id` return the first job instead (created=False)."""
+        if request_id:
+            existing = self.job_by_request_id(tenant, kind, request_id)
+            if existing is not None:
+                return existing, False
+        row = JobRow(id=uuid.uuid4().hex, tenant=tenant, kind=kind, state="queued", request_id=request_id,
+                     concept_name=concept_name, request=request, progress={}, report={}, error_message="",
+                     work_dir="")
+        with self._session() as s:
+            try:
+                s.add(row)
+                s.flush()  # the job row first: job_events references it
+                s.add(JobEventRow(job_id=row.id, state="queued", log_line=""))
+                s.commit()
+            except IntegrityError:  # a concurrent create with the same request_id won
+                s.rollback()
+                return self.job_by_request_id(tenant, kind, request_id), False
+        self._notify()
+        return row, True
+
+    def job_by_request_id(self, tenant: str, kind: str, request_id: str) -> JobRow | None:
+        with self._session() as s:
+            return s.scalars(select(JobRow).where(JobRow.tenant == tenant, JobRow.kind == kind,
+                                                  JobRow.request_id == request_id)).first()
+
+    def get_job(self, job_id: str, tenant: str | None = None, kind: str | None = None) -> JobRow:
+        """The job; NotFound when it does not exist, belongs to another tenant or is of another kind."""
+        with self._session() as s:
+            row = s.get(JobRow, job_id)
+        if row is None or (tenant is not None and row.tenant != tenant) or (kind is not None and row.kind != kind):
+            raise NotFound(f"job {job_id!r} not found")
+        return row
+
+    def list_jobs(self, tenant: str, kind: str, state: str = "", offset: int = 0, limit: int = 50) -> list[JobRow]:
+        with self._session() as s:
+            query = select(JobRow).where(JobRow.tenant == tenant, JobRow.kind == kind)
+            if state:
+                query = query.where(JobRow.state == state)
+            return list(s.scalars(query.order_by(JobRow.created_at, JobRow.id).offset(offset).limit(limit)))
+
+    def unfinished_jobs(self, kind: str) -> list[JobRow]:
+        """Jobs of every tenant that are queued or running (what a restarted service must pick up)."""
+        with self._session() as s:
+            return list(s.scalars(select(JobRow).where(JobRow.kind == kind, JobRow.state.not_in(TERMINAL_STATES))
+                                  .order_by(JobRow.created_at)))
+
+    def update_job(self, job_id: str, *, state: str | None = None, log_line: str = "", **fields: Any) -> JobRow:
+        """Change a job's fields; a state change or a log line is also appended as an event.
+
+        A job in a terminal state never changes state again (a late "failed" after "cancelled" is ignored).
+        """
+        with self._session() as s:
+            row = s.get(JobRow, job_id)
+            if row is None:
+                raise NotFound(f"job {job_id!r} not found")
+            if row.state in TERMINAL_STATES:
+                state = None
+            for key, value in fields.items():
+                setattr(row, key, value)
+            if state is not None and state != row.state:
+                row.state = state
+                s.add(JobEventRow(job_id=job_id, state=state, log_line=log_line))
+            elif log_line:
+                s.add(JobEventRow(job_id=job_id, state=row.state, log_line=log_line))
+            row.updated_at = utcnow()
+            s.commit()
+        self._notify()
+        return row
+
+    def events_after(self, job_id: str, after_id: int) -> list[JobEventRow]:
+        with self._session() as s:
+            return list(s.scalars(select(JobEventRow).where(JobEventRow.job_id == job_id, JobEventRow.id > after_id)
+                                  .order_by(JobEventRow.id)))
+
+    def last_event_id(self, job_id: str) -> int:
+        with self._session() as s:
+            return s.scalar(select(func.max(JobEventRow.id)).where(JobEventRow.job_id == job_id)) or 0
+
+    def wait_for_change(self, timeout: float) -> None:
+        """Block until any job changes in this process, or `timeout` seconds pass."""
+        with self._changed:
+            self._changed.wait(timeout)
+
+    def _notify(self) -> None:
+        with self._changed:
+            self._changed.notify_all()
+
+
+def _sqlite_pragmas(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()

@@ -1,0 +1,97 @@
+"""gRPC server bootstrap shared by the three services: interceptors, health, reflection, TLS, limits."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import grpc
+import yaml
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from concepts.errors import InvalidArgument
+from services.common.interceptors import AuthInterceptor, ErrorInterceptor
+from services.common.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Service:
+    """One servicer to mount: the generated `add_*_to_server` function and the full service name."""
+
+    add_to_server: Callable[[Any, grpc.Server], None]
+    servicer: Any
+    name: str
+
+
+def load_api_keys(settings: Settings) -> dict[str, str]:
+    """API key -> tenant, from `api_keys_file` (YAML/JSON mapping, e.g. a mounted Secret) and `api_keys`."""
+    keys: dict[str, str] = {}
+    if settings.api_keys_file:
+        data = yaml.safe_load(Path(settings.api_keys_file).read_text()) or {}
+        if not isinstance(data, dict):
+            raise InvalidArgument("api_keys_file", f"{settings.api_keys_file} must map API keys to tenant names")
+        keys.update({str(k): str(v) for k, v in data.items()})
+    for pair in filter(None, (p.strip() for p in settings.api_keys.split(","))):
+        key, sep, tenant = pair.partition("=")
+        if not sep or not key or not tenant:
+            raise InvalidArgument("api_keys", f"expected 'key=tenant,...', got {pair!r}")
+        keys[key] = tenant
+    if not keys:
+        raise InvalidArgument("api_keys", "no API keys configured: set api_keys_file or api_keys (key=tenant)")
+    return keys
+
+
+def build_server(settings: Settings, services: list[Service], port: int) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """A started-ready (not started) server on `settings.host:port`; port 0 picks a free one.
+
+    Returns:
+        The server, the bound port, and its health servicer (every service SERVING).
+    """
+    limits = [("grpc.max_receive_message_length", settings.max_message_bytes),
+              ("grpc.max_send_message_length", settings.max_message_bytes)]
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="grpc"),
+        interceptors=[AuthInterceptor(load_api_keys(settings)), ErrorInterceptor()],
+        options=limits,
+        maximum_concurrent_rpcs=256,
+    )
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    for service in services:
+        service.add_to_server(service.servicer, server)
+        health_servicer.set(service.name, health_pb2.HealthCheckResponse.SERVING)
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection([s.name for s in services] + [reflection.SERVICE_NAME], server)
+    address = f"{settings.host}:{port}"
+    if settings.tls_cert_file:
+        credentials = grpc.ssl_server_credentials(
+            [(Path(settings.tls_key_file).read_bytes(), Path(settings.tls_cert_file).read_bytes())])
+        bound = server.add_secure_port(address, credentials)
+    else:
+        bound = server.add_insecure_port(address)
+    return server, bound, health_servicer
+
+
+def wait_for_termination(servers: list[tuple[grpc.Server, health.HealthServicer]], grace_s: float = 10.0,
+                         on_stop: Callable[[], None] | None = None) -> None:
+    """Block until SIGTERM/SIGINT, then mark every service NOT_SERVING and stop with `grace_s`."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    log.info("shutting down (grace %.0fs)", grace_s)
+    for _, health_servicer in servers:
+        health_servicer.enter_graceful_shutdown()
+    events = [server.stop(grace_s) for server, _ in servers]
+    if on_stop is not None:
+        on_stop()
+    for e in events:
+        e.wait()

@@ -1,0 +1,64 @@
+"""InferenceService: transport only. Authenticated caller, tenant-scoped concept lookup, Triton under the deadline."""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+
+from concepts.errors import DeadlineExceeded
+from customdiffusion.v1 import inference_service_pb2 as pb
+from customdiffusion.v1 import inference_service_pb2_grpc
+from services.common.concept_servicer import check_ref
+from services.common.interceptors import current_tenant
+from services.common.registry import Registry
+from services.common.server import Service
+from services.common.settings import Settings
+from services.inference.request import GenerationRequest
+from services.inference.triton_client import generate_via_triton
+
+SCHEDULERS = {pb.SCHEDULER_UNSPECIFIED: "", pb.SCHEDULER_DDIM: "ddim",
+              pb.SCHEDULER_DPM_SOLVER_MULTISTEP: "dpm_solver_multistep", pb.SCHEDULER_EULER: "euler"}
+DEFAULT_TIMEOUT_S = 300.0
+
+
+class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
+    def __init__(self, settings: Settings, registry: Registry) -> None:
+        self.settings = settings
+        self.registry = registry
+
+    def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
+        # 1. Validate every field before any lookup (GenerationRequest names the field on error).
+        refs = [check_ref(c, f"concepts[{i}]") for i, c in enumerate(request.concepts)]
+        seed = request.seed if request.HasField("seed") else secrets.randbelow(2**31)
+        generation = GenerationRequest(
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            concept_digests=(),
+            num_images=request.num_images or 1,
+            num_inference_steps=request.num_inference_steps or 50,
+            guidance_scale=request.guidance_scale if request.guidance_scale else 7.5,
+            seed=seed,
+            height=request.height,
+            width=request.width,
+            scheduler=SCHEDULERS.get(request.scheduler, f"unknown({request.scheduler})"),
+        )
+        # 2. The caller's concepts only: another tenant's concept is NOT_FOUND, never PERMISSION_DENIED.
+        tenant = current_tenant()
+        digests = tuple(self.registry.get_concept(tenant, r.name, r.version).digest for r in refs)
+        generation = dataclasses.replace(generation, concept_digests=digests)
+        # 3. Triton, within what is left of the caller's deadline.
+        remaining = context.time_remaining()
+        timeout = DEFAULT_TIMEOUT_S if remaining is None else remaining - 0.05
+        if timeout <= 0:
+            raise DeadlineExceeded("the request's deadline passed before generation could start")
+        pngs = generate_via_triton(self.settings.triton_url, self.settings.triton_model, generation, timeout)
+        return pb.GenerateResponse(
+            images=[pb.GeneratedImage(png=png, seed=seed + i) for i, png in enumerate(pngs)],
+            concept_digests=list(digests),
+        )
+
+
+def inference_service(settings: Settings, registry: Registry) -> Service:
+    return Service(inference_service_pb2_grpc.add_InferenceServiceServicer_to_server,
+                   InferenceServicer(settings, registry),
+                   pb.DESCRIPTOR.services_by_name["InferenceService"].full_name)

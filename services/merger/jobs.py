@@ -1,0 +1,100 @@
+"""Merge and compression jobs behind the MergerService, run in process on a worker thread.
+
+Jobs are recorded before they run; a restarted service re-runs the ones that had not finished (both
+operations are deterministic, so a re-run gives the same artifact and digest).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from concepts.base import BaseModel, load_base
+from concepts.store import ArtifactStore
+from services.common.registry import Registry
+
+log = logging.getLogger(__name__)
+KINDS = ("merge", "compress")
+
+
+@dataclass(frozen=True)
+class MergeRequest:
+    """Inputs are (name, version) pairs already resolved to the tenant's registry rows' ids."""
+
+    concept_name: str
+    request_id: str
+    input_ids: list[int]
+    ridge: float | None = None
+    captions: list[str] | None = None
+
+
+@dataclass(frozen=True)
+class CompressRequest:
+    concept_name: str
+    request_id: str
+    input_id: int
+    target: dict[str, Any] = field(default_factory=dict)  # exactly one of rank / fraction / energy
+    dtype: str = "fp16"
+
+
+class MergerJobs:
+    def __init__(self, registry: Registry, store: ArtifactStore, base_model: str, workers: int = 1) -> None:
+        self.registry = registry
+        self.store = store
+        self.base_model = base_model
+        self._base: BaseModel | None = None
+        self._base_lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="merger")
+
+    def submit(self, tenant: str, kind: str, request: MergeRequest | CompressRequest, request_json: dict[str, Any]):
+        """Record the job (idempotent on request_id) and queue it; return (row, created)."""
+        row, created = self.registry.create_job(tenant, kind, request.request_id, request.concept_name,
+                                                dict(request_json, _domain=asdict(request)))
+        if created:
+            self._pool.submit(self._run, row.id)
+        return row, created
+
+    def recover(self) -> None:
+        for kind in KINDS:
+            for row in self.registry.unfinished_jobs(kind):
+                log.info("re-running %s job %s after restart", kind, row.id)
+                self._pool.submit(self._run, row.id)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def base(self) -> BaseModel:
+        with self._base_lock:
+            if self._base is None:
+                self._base = load_base(self.base_model)
+            return self._base
+
+    def _run(self, job_id: str) -> None:
+        import torch
+
+        from merger.run import compress_concept, merge_concepts
+
+        row = self.registry.update_job(job_id, state="running")
+        domain = row.request["_domain"]
+        try:
+            inputs = [self.registry.get_concept_by_id(i) for i in domain["input_ids"]]
+            concepts = [self.store.get_concept(r.digest) for r in inputs]
+            if row.kind == "merge":
+                result, report = merge_concepts(self.base(), concepts, captions=domain.get("captions"),
+                                                ridge=domain.get("ridge"))
+            else:
+                dtype = {"fp16": torch.float16, "fp32": torch.float32}[domain["dtype"]]
+                result, report = compress_concept(concepts[0], dtype=dtype, **domain["target"])
+            digest = self.store.put_concept(result)
+            provenance = dict(result.provenance, job=f"mergerJobs/{job_id}", parents=[r.digest for r in inputs])
+            registered = self.registry.add_concept(
+                row.tenant, row.concept_name, digest, list(result.tokens), list(result.class_words),
+                len(self.store.get(digest)), result.base_fingerprint, provenance)
+            self.registry.update_job(job_id, state="succeeded", concept_id=registered.id, report=report.to_dict(),
+                                     log_line=f"registered {row.concept_name} v{registered.version}")
+        except Exception as e:  # noqa: BLE001 - every failure is recorded on the job, in words
+            log.exception("%s job %s failed", row.kind, job_id)
+            self.registry.update_job(job_id, state="failed", error_message=str(e), log_line=str(e))

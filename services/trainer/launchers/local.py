@@ -1,0 +1,184 @@
+"""Runs `python -m trainer --spec` (or torchrun for several GPUs) as local subprocesses, a few at a time.
+
+Processes start in their own session so they outlive a restart of the service; `reattach` finds them
+again through the pid file in the job's work directory. Logs stay in `<work_dir>/train.log`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Callable
+
+from services.trainer.launcher import LaunchEvent, LaunchRequest, LaunchState
+
+log = logging.getLogger(__name__)
+KILL_GRACE_S = 10.0
+
+
+class LocalProcessLauncher:
+    """A `JobLauncher` on this machine with at most `max_concurrent` jobs running at once."""
+
+    def __init__(self, max_concurrent: int = 1, python: str = sys.executable) -> None:
+        self._python = python
+        self._slots = max_concurrent
+        self._queue: deque[LaunchRequest] = deque()
+        self._running: dict[str, subprocess.Popen | int] = {}  # Popen, or a pid found by reattach
+        self._cancelled: set[str] = set()
+        self._listeners: list[Callable[[LaunchEvent], None]] = []
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+
+    def launch(self, request: LaunchRequest) -> None:
+        with self._lock:
+            self._queue.append(request)
+        self._dispatch()
+
+    def cancel(self, job_id: str) -> None:
+        with self._lock:
+            queued = [r for r in self._queue if r.job_id == job_id]
+            for r in queued:
+                self._queue.remove(r)
+            proc = self._running.get(job_id)
+            self._cancelled.add(job_id)
+        if queued:
+            self._emit(LaunchEvent(job_id, LaunchState.CANCELLED, "cancelled before it started"))
+        if proc is not None:  # off the caller's thread: termination may wait KILL_GRACE_S
+            pid = proc.pid if isinstance(proc, subprocess.Popen) else proc
+            threading.Thread(target=_terminate, args=(pid,), daemon=True, name=f"cancel-{job_id[:8]}").start()
+
+    def watch(self, on_event: Callable[[LaunchEvent], None]) -> None:
+        self._listeners.append(on_event)
+
+    def reattach(self, job_id: str, work_dir: str) -> LaunchState:
+        pid_file = Path(work_dir) / "pid"
+        pid = int(pid_file.read_text()) if pid_file.exists() else None
+        if pid is not None and _alive(pid):
+            with self._lock:
+                self._running[job_id] = pid
+            threading.Thread(target=self._poll_pid, args=(job_id, pid, Path(work_dir)), daemon=True,
+                             name=f"reattach-{job_id[:8]}").start()
+            return LaunchState.RUNNING
+        if pid is None:  # never started: run it now
+            return LaunchState.PENDING
+        state, _ = _final_state(Path(work_dir), exit_code=None)
+        return state
+
+    def close(self) -> None:
+        self._closed.set()
+
+    def _dispatch(self) -> None:
+        while True:
+            with self._lock:
+                if not self._queue or len(self._running) >= self._slots or self._closed.is_set():
+                    return
+                request = self._queue.popleft()
+                proc = self._start(request)
+                self._running[request.job_id] = proc
+            self._emit(LaunchEvent(request.job_id, LaunchState.RUNNING))
+            threading.Thread(target=self._wait, args=(request, proc), daemon=True,
+                             name=f"job-{request.job_id[:8]}").start()
+
+    def _start(self, request: LaunchRequest) -> subprocess.Popen:
+        work = Path(request.work_dir)
+        work.mkdir(parents=True, exist_ok=True)
+        if request.gpus_per_node > 1:
+            cmd = [self._python, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc_per_node={request.gpus_per_node}", "-m", "trainer", "--spec", request.spec_path]
+        else:
+            cmd = [self._python, "-m", "trainer", "--spec", request.spec_path]
+        with open(work / "train.log", "ab") as logfile:
+            proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    cwd=work, start_new_session=True)
+        (work / "pid").write_text(str(proc.pid))
+        log.info("started job %s as pid %d: %s", request.job_id, proc.pid, " ".join(cmd))
+        return proc
+
+    def _wait(self, request: LaunchRequest, proc: subprocess.Popen) -> None:
+        code = proc.wait()
+        self._finish(request.job_id, Path(request.work_dir), code)
+
+    def _poll_pid(self, job_id: str, pid: int, work: Path) -> None:
+        while _alive(pid) and not self._closed.is_set():
+            time.sleep(0.5)
+        self._finish(job_id, work, exit_code=None)
+
+    def _finish(self, job_id: str, work: Path, exit_code: int | None) -> None:
+        with self._lock:
+            self._running.pop(job_id, None)
+            cancelled = job_id in self._cancelled
+            self._cancelled.discard(job_id)
+        if cancelled:
+            self._emit(LaunchEvent(job_id, LaunchState.CANCELLED, "cancelled by the user"))
+        else:
+            state, message = _final_state(work, exit_code)
+            self._emit(LaunchEvent(job_id, state, message))
+        self._dispatch()
+
+    def _emit(self, event: LaunchEvent) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(event)
+            except Exception:  # noqa: BLE001 - a listener's bug must not kill the launcher thread
+                log.exception("launch event listener failed for %s", event)
+
+
+def _final_state(work: Path, exit_code: int | None) -> tuple[LaunchState, str]:
+    """SUCCEEDED when the trainer wrote its result; else FAILED with the trainer's own error line if any."""
+    if (work / "result.json").exists() and exit_code in (0, None):
+        return LaunchState.SUCCEEDED, ""
+    message = _last_error(work) or (
+        f"training process exited with code {exit_code}; see {work / 'train.log'}" if exit_code is not None
+        else "training process ended without a result (the service was down while it ran)")
+    return LaunchState.FAILED, message
+
+
+def _last_error(work: Path) -> str:
+    path = work / "progress.jsonl"
+    if not path.exists():
+        return ""
+    message = ""
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if event.get("event") == "error":
+            message = str(event.get("message", ""))
+    return message
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of ours counts as gone.
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().split()[2] == "Z")
+
+
+def _terminate(pid: int) -> None:
+    """SIGTERM the job's process group, SIGKILL after a grace period."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + KILL_GRACE_S
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.1)
+    if _alive(pid):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
