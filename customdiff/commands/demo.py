@@ -37,7 +37,7 @@ def _run(args: argparse.Namespace) -> int:
     # 2. A concept artifact, written to the store and read back (verified by digest).
     g = torch.Generator().manual_seed(0)
     concept = Concept(
-        deltas={n: LinearDelta(dense=0.05 * torch.randn(l.weight.shape, generator=g)) for n, l in kv_layers(base.unet).items()},
+        deltas={n: LinearDelta(dense=0.05 * torch.randn(layer.weight.shape, generator=g)) for n, layer in kv_layers(base.unet).items()},
         tokens=("<new1>",),
         embeddings=torch.randn(1, base.text_encoder.config.hidden_size, generator=g),
         base_fingerprint=base.fingerprint,

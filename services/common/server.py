@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import signal
 import threading
 from concurrent import futures
@@ -19,7 +18,6 @@ from concepts.errors import InvalidArgument
 from services.common.interceptors import AuthInterceptor, ErrorInterceptor
 from services.common.settings import Settings
 
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -80,18 +78,9 @@ def build_server(settings: Settings, services: list[Service], port: int) -> tupl
     return server, bound, health_servicer
 
 
-def wait_for_termination(servers: list[tuple[grpc.Server, health.HealthServicer]], grace_s: float = 10.0,
-                         on_stop: Callable[[], None] | None = None) -> None:
-    """Block until SIGTERM/SIGINT, then mark every service NOT_SERVING and stop with `grace_s`."""
+def wait_for_signal() -> None:
+    """Block until SIGTERM or SIGINT."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
-    log.info("shutting down (grace %.0fs)", grace_s)
-    for _, health_servicer in servers:
-        health_servicer.enter_graceful_shutdown()
-    events = [server.stop(grace_s) for server, _ in servers]
-    if on_stop is not None:
-        on_stop()
-    for e in events:
-        e.wait()

@@ -1,0 +1,43 @@
+"""`customdiff serve`: the registry, store, Triton and the three gRPC services from one config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+from services.app import COMPONENTS
+
+log = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser("serve", help="run the services (all of them, or --only some) until SIGTERM")
+    serve.add_argument("--config", help="YAML config file (default $CUSTOMDIFF_CONFIG; see docs/configuration.md)")
+    serve.add_argument("--only", action="append", choices=COMPONENTS + ("triton",),
+                       help="run only this component (repeatable); default: all three services and Triton")
+    serve.set_defaults(run=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from services.app import resolve_base_model, start_stack
+    from services.common.server import wait_for_signal
+    from services.common.settings import Settings
+
+    settings = Settings.load(args.config)
+    components = tuple(args.only or COMPONENTS + ("triton",))
+    base = resolve_base_model(settings)
+    triton = None
+    if "triton" in components:
+        from services.inference.triton_server import start_triton
+
+        triton = start_triton(base_model=base, store_url=settings.store_url,
+                              grpc_port=int(settings.triton_url.rsplit(":", 1)[1]))
+    stack = start_stack(settings, tuple(c for c in components if c != "triton"), base_model=base)
+    print(json.dumps({"ports": stack.ports, "triton": settings.triton_url if triton else None}), flush=True)
+    wait_for_signal()
+    log.info("shutting down")
+    stack.stop(grace_s=10.0)  # NOT_SERVING first, then in-flight RPCs get the grace period
+    if triton is not None:
+        triton.stop()
+    return 0
