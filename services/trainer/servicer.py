@@ -135,7 +135,7 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
         if len(data) > self.settings.max_image_bytes:
             raise InvalidArgument(field, f"image of {len(data)} bytes exceeds the limit of "
                                          f"{self.settings.max_image_bytes} bytes")
-        return ImageBlob(data, f"{field}.{which}", image.caption)
+        return ImageBlob(data, field, image.caption)
 
     @staticmethod
     def _hyperparameters(h: pb.Hyperparameters) -> dict:
