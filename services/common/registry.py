@@ -53,18 +53,34 @@ class Registry:
         """Register the next version of `name` for `tenant`."""
         for _ in range(5):  # concurrent registrations of one name race for the version number
             with self._session() as s:
-                latest = s.scalar(select(func.max(ConceptRow.version)).where(
-                    ConceptRow.tenant == tenant, ConceptRow.name == name)) or 0
-                row = ConceptRow(tenant=tenant, name=name, version=latest + 1, digest=digest, tokens=tokens,
-                                 class_words=class_words, size_bytes=size_bytes,
-                                 base_fingerprint=base_fingerprint, provenance=provenance)
-                s.add(row)
+                row = _insert_concept(s, tenant, name, dict(
+                    digest=digest, tokens=tokens, class_words=class_words, size_bytes=size_bytes,
+                    base_fingerprint=base_fingerprint, provenance=provenance))
                 try:
                     s.commit()
                     return row
                 except IntegrityError:
                     s.rollback()
         raise RuntimeError(f"could not register a new version of concept {name!r}")
+
+    def complete_job(self, job_id: str, concept: dict[str, Any], log_line: str = "") -> ConceptRow | None:
+        """Register the job's result as the next version of its concept and mark it succeeded, atomically.
+
+        Returns None, registering nothing, when the job already ended: a result reported twice (a
+        relaunched watcher, a second replica) is registered once.
+        """
+        with self._session() as s:
+            job = s.get(JobRow, job_id, with_for_update=True)
+            if job is None or job.state in TERMINAL_STATES:
+                return None
+            row = _insert_concept(s, job.tenant, job.concept_name, concept)
+            s.flush()
+            job.state, job.concept_id, job.updated_at = "succeeded", row.id, utcnow()
+            s.add(JobEventRow(job_id=job_id, state="succeeded",
+                              log_line=log_line or f"registered {job.concept_name} v{row.version}"))
+            s.commit()
+        self._notify()
+        return row
 
     def get_concept(self, tenant: str, name: str, version: int = 0) -> ConceptRow:
         """The version (0: latest) of the tenant's concept; another tenant's concept is NotFound too."""
@@ -199,6 +215,15 @@ class Registry:
     def _notify(self) -> None:
         with self._changed:
             self._changed.notify_all()
+
+
+def _insert_concept(s: Session, tenant: str, name: str, fields: dict[str, Any]) -> ConceptRow:
+    """Add the next version of the tenant's concept `name` to the session."""
+    latest = s.scalar(select(func.max(ConceptRow.version)).where(
+        ConceptRow.tenant == tenant, ConceptRow.name == name)) or 0
+    row = ConceptRow(tenant=tenant, name=name, version=latest + 1, **fields)
+    s.add(row)
+    return row
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:

@@ -90,11 +90,11 @@ class MergerJobs:
                 result, report = compress_concept(concepts[0], dtype=dtype, **domain["target"])
             digest = self.store.put_concept(result)
             provenance = dict(result.provenance, job=f"mergerJobs/{job_id}", parents=[r.digest for r in inputs])
-            registered = self.registry.add_concept(
-                row.tenant, row.concept_name, digest, list(result.tokens), list(result.class_words),
-                len(self.store.get(digest)), result.base_fingerprint, provenance)
-            self.registry.update_job(job_id, state="succeeded", concept_id=registered.id, report=report.to_dict(),
-                                     log_line=f"registered {row.concept_name} v{registered.version}")
+            self.registry.update_job(job_id, report=report.to_dict())
+            self.registry.complete_job(job_id, {
+                "digest": digest, "tokens": list(result.tokens), "class_words": list(result.class_words),
+                "size_bytes": len(self.store.get(digest)), "base_fingerprint": result.base_fingerprint,
+                "provenance": provenance})
         except Exception as e:  # noqa: BLE001 - every failure is recorded on the job, in words
             log.exception("%s job %s failed", row.kind, job_id)
             self.registry.update_job(job_id, state="failed", error_message=str(e), log_line=str(e))

@@ -140,13 +140,13 @@ class TrainingJobs:
                 self.registry.update_job(row.id, state="failed",
                                          error_message="the service stopped before the job's inputs were saved")
                 continue
-            state = self.launcher.reattach(row.id, row.work_dir)
+            state, message = self.launcher.reattach(row.id, row.work_dir)
             if state is LaunchState.PENDING:
                 resources = json.loads((Path(row.work_dir) / "launch.json").read_text())
                 self.launcher.launch(LaunchRequest(row.id, row.concept_name, str(spec_path), row.work_dir,
                                                    resources["gpus_per_node"], resources["nodes"]))
             elif state.terminal:
-                self._on_launch_event(LaunchEvent(row.id, state, ""))
+                self._on_launch_event(LaunchEvent(row.id, state, message))
             log.info("recovered job %s: %s", row.id, state.value)
 
     def close(self) -> None:
@@ -159,7 +159,9 @@ class TrainingJobs:
         except NotFound:
             return
         self._tail(row)  # progress lines first, then the state change
-        if event.state is LaunchState.RUNNING:
+        if event.state is LaunchState.PENDING:  # e.g. "ImagePullBackOff", "Unschedulable: 0/4 nodes..."
+            self.registry.update_job(row.id, log_line=event.message)
+        elif event.state is LaunchState.RUNNING:
             self.registry.update_job(row.id, state="running")
         elif event.state is LaunchState.SUCCEEDED:
             self._register_result(row)
@@ -171,12 +173,10 @@ class TrainingJobs:
     def _register_result(self, row) -> None:
         result = json.loads((Path(row.work_dir) / "result.json").read_text())
         concept = self.store.get_concept(result["digest"])  # verifies the artifact before it is registered
-        provenance = dict(concept.provenance, job=f"trainingJobs/{row.id}")
-        registered = self.registry.add_concept(
-            row.tenant, row.concept_name, result["digest"], list(concept.tokens), list(concept.class_words),
-            len(self.store.get(result["digest"])), concept.base_fingerprint, provenance)
-        self.registry.update_job(row.id, state="succeeded", concept_id=registered.id,
-                                 log_line=f"registered {row.concept_name} v{registered.version}")
+        self.registry.complete_job(row.id, {
+            "digest": result["digest"], "tokens": list(concept.tokens), "class_words": list(concept.class_words),
+            "size_bytes": len(self.store.get(result["digest"])), "base_fingerprint": concept.base_fingerprint,
+            "provenance": dict(concept.provenance, job=f"trainingJobs/{row.id}")})
 
     def _follow(self) -> None:
         while not self._stop.wait(FOLLOW_INTERVAL_S):

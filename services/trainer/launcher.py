@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import enum
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Protocol
 
 
@@ -61,8 +63,40 @@ class JobLauncher(Protocol):
     def watch(self, on_event: Callable[[LaunchEvent], None]) -> None:
         """Deliver every state change of every job to `on_event` from a background thread until `close`."""
 
-    def reattach(self, job_id: str, work_dir: str) -> LaunchState:
-        """After a service restart: resume observing the job if it still runs, else report its final state."""
+    def reattach(self, job_id: str, work_dir: str) -> tuple[LaunchState, str]:
+        """After a service restart: resume observing the job if it still runs, else return its final state.
+
+        Returns (state, reason). The state is not also delivered as an event, so a finished job is
+        recorded once; PENDING means the job never started and should be launched again.
+        """
 
     def close(self) -> None:
         """Stop watching; running jobs are left running."""
+
+
+def outcome_from_work_dir(work_dir: str) -> tuple[LaunchState, str]:
+    """Judge a job whose process or Job is gone by what the trainer left in its work directory.
+
+    `result.json` means it succeeded; progress lines without a result mean it failed (with the
+    trainer's own last error line as the reason when it wrote one); no trace means it never started.
+    """
+    work = Path(work_dir)
+    if (work / "result.json").exists():
+        return LaunchState.SUCCEEDED, ""
+    if not (work / "progress.jsonl").exists():
+        return LaunchState.PENDING, ""
+    return LaunchState.FAILED, last_error(work) or "the training process ended without a result; see its log"
+
+
+def last_error(work: Path) -> str:
+    """The message of the trainer's last ``{"event": "error"}`` progress line, or ""."""
+    message = ""
+    path = work / "progress.jsonl"
+    for line in (path.read_text(errors="replace").splitlines() if path.exists() else []):
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(event, dict) and event.get("event") == "error":
+            message = str(event.get("message", ""))
+    return message

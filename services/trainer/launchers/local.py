@@ -6,7 +6,6 @@ again through the pid file in the job's work directory. Logs stay in `<work_dir>
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -18,7 +17,7 @@ from collections import deque
 from pathlib import Path
 from typing import Callable
 
-from services.trainer.launcher import LaunchEvent, LaunchRequest, LaunchState
+from services.trainer.launcher import LaunchEvent, LaunchRequest, LaunchState, last_error, outcome_from_work_dir
 
 log = logging.getLogger(__name__)
 KILL_GRACE_S = 10.0
@@ -58,7 +57,7 @@ class LocalProcessLauncher:
     def watch(self, on_event: Callable[[LaunchEvent], None]) -> None:
         self._listeners.append(on_event)
 
-    def reattach(self, job_id: str, work_dir: str) -> LaunchState:
+    def reattach(self, job_id: str, work_dir: str) -> tuple[LaunchState, str]:
         pid_file = Path(work_dir) / "pid"
         pid = int(pid_file.read_text()) if pid_file.exists() else None
         if pid is not None and _alive(pid):
@@ -66,11 +65,13 @@ class LocalProcessLauncher:
                 self._running[job_id] = pid
             threading.Thread(target=self._poll_pid, args=(job_id, pid, Path(work_dir)), daemon=True,
                              name=f"reattach-{job_id[:8]}").start()
-            return LaunchState.RUNNING
+            return LaunchState.RUNNING, ""
         if pid is None:  # never started: run it now
-            return LaunchState.PENDING
-        state, _ = _final_state(Path(work_dir), exit_code=None)
-        return state
+            return LaunchState.PENDING, ""
+        state, message = outcome_from_work_dir(work_dir)
+        if state is LaunchState.PENDING:  # started, but gone before it wrote anything
+            return LaunchState.FAILED, "the training process ended before it reported progress; see train.log"
+        return state, message
 
     def close(self) -> None:
         self._closed.set()
@@ -112,6 +113,8 @@ class LocalProcessLauncher:
         self._finish(job_id, work, exit_code=None)
 
     def _finish(self, job_id: str, work: Path, exit_code: int | None) -> None:
+        if self._closed.is_set():  # a closed launcher reports nothing; a restarted service reattaches
+            return
         with self._lock:
             self._running.pop(job_id, None)
             cancelled = job_id in self._cancelled
@@ -133,27 +136,11 @@ class LocalProcessLauncher:
 
 def _final_state(work: Path, exit_code: int | None) -> tuple[LaunchState, str]:
     """SUCCEEDED when the trainer wrote its result; else FAILED with the trainer's own error line if any."""
-    if (work / "result.json").exists() and exit_code in (0, None):
-        return LaunchState.SUCCEEDED, ""
-    message = _last_error(work) or (
-        f"training process exited with code {exit_code}; see {work / 'train.log'}" if exit_code is not None
-        else "training process ended without a result (the service was down while it ran)")
-    return LaunchState.FAILED, message
-
-
-def _last_error(work: Path) -> str:
-    path = work / "progress.jsonl"
-    if not path.exists():
-        return ""
-    message = ""
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if event.get("event") == "error":
-            message = str(event.get("message", ""))
-    return message
+    if exit_code in (0, None):
+        state, message = outcome_from_work_dir(str(work))
+        if state is not LaunchState.PENDING:
+            return state, message
+    return LaunchState.FAILED, last_error(work) or f"training process exited with code {exit_code}; see {work / 'train.log'}"
 
 
 def _alive(pid: int) -> bool:

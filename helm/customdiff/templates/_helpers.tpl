@@ -1,0 +1,199 @@
+{{/* Names: `helm create` conventions, truncated to the 63 characters of a DNS label. */}}
+{{- define "customdiff.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "customdiff.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Name of one component's resources; components end in at most 9 characters. */}}
+{{- define "customdiff.componentName" -}}
+{{- printf "%s-%s" (include "customdiff.fullname" .ctx | trunc 53 | trimSuffix "-") .component }}
+{{- end }}
+
+{{- define "customdiff.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "customdiff.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "customdiff.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .ctx.Chart.Name .ctx.Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "customdiff.selectorLabels" . }}
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+{{- with .ctx.Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Labels of the training pods the launcher creates (services/trainer/launchers/job_manifest.py). */}}
+{{- define "customdiff.trainingPodLabels" -}}
+app.kubernetes.io/name: customdiff
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: training-job
+{{- end }}
+
+{{/* `registry/repository:tag` of one of .Values.images; the tag defaults to the appVersion. */}}
+{{- define "customdiff.image" -}}
+{{- $image := index .ctx.Values.images .name }}
+{{- $repository := $image.repository }}
+{{- with .ctx.Values.images.registry }}{{ $repository = printf "%s/%s" (trimSuffix "/" .) $repository }}{{ end }}
+{{- printf "%s:%s" $repository (default .ctx.Chart.AppVersion $image.tag) }}
+{{- end }}
+
+{{- define "customdiff.serviceAccount" -}}
+{{ include "customdiff.fullname" . }}
+{{- end }}
+
+{{- define "customdiff.dataClaim" -}}
+{{- default (include "customdiff.componentName" (dict "ctx" . "component" "data")) .Values.persistence.existingClaim }}
+{{- end }}
+
+{{- define "customdiff.secretName" -}}
+{{ include "customdiff.componentName" (dict "ctx" . "component" "secrets") }}
+{{- end }}
+
+{{- define "customdiff.sqlite" -}}
+{{- if and (not .Values.database.url) (not .Values.database.existingSecret) }}true{{ end }}
+{{- end }}
+
+{{- define "customdiff.storeUrl" -}}
+{{- default (printf "%s/store" .Values.persistence.mountPath) .Values.store.url }}
+{{- end }}
+
+{{/* The base model path every component uses; empty means the tiny base the services build. */}}
+{{- define "customdiff.baseModel" -}}
+{{- if .Values.baseModel.existingClaim }}
+{{- trimSuffix "/" (printf "%s/%s" .Values.baseModel.mountPath .Values.baseModel.path) }}
+{{- else }}
+{{- printf "%s/tiny-base" .Values.persistence.mountPath }}
+{{- end }}
+{{- end }}
+
+{{/* The YAML file `Settings.load` reads (services/common/settings.py); keys are Settings fields. */}}
+{{- define "customdiff.config" -}}
+{{- $mount := .Values.persistence.mountPath }}
+{{- $jobs := .Values.trainer.jobs }}
+host: 0.0.0.0
+trainer_port: {{ .Values.trainer.port }}
+merger_port: {{ .Values.merger.port }}
+inference_port: {{ .Values.inference.port }}
+{{- if include "customdiff.sqlite" . }}
+database_url: {{ printf "sqlite:///%s/registry.db" $mount | quote }}
+{{- end }}
+store_url: {{ include "customdiff.storeUrl" . | quote }}
+work_dir: {{ printf "%s/jobs" $mount | quote }}
+{{- if .Values.baseModel.existingClaim }}
+base_model: {{ include "customdiff.baseModel" . | quote }}
+{{- end }}
+api_keys_file: {{ printf "/etc/customdiff/api-keys/%s" .Values.apiKeys.secretKey | quote }}
+{{- if .Values.tls.existingSecret }}
+tls_cert_file: /etc/customdiff/tls/tls.crt
+tls_key_file: /etc/customdiff/tls/tls.key
+{{- end }}
+triton_url: {{ printf "%s:8001" (include "customdiff.componentName" (dict "ctx" . "component" "triton")) | quote }}
+triton_model: stable_diffusion
+launcher: {{ .Values.trainer.launcher }}
+max_message_bytes: {{ int64 .Values.config.maxMessageBytes }}
+max_images_per_concept: {{ .Values.config.maxImagesPerConcept }}
+max_image_bytes: {{ int64 .Values.config.maxImageBytes }}
+kubernetes:
+  namespace: {{ .Release.Namespace | quote }}
+  instance: {{ .Release.Name | quote }}
+  image: {{ include "customdiff.image" (dict "ctx" . "name" "trainer") | quote }}
+  image_pull_policy: {{ .Values.images.trainer.pullPolicy }}
+  image_pull_secrets: {{ toJson .Values.imagePullSecrets }}
+  service_account: {{ include "customdiff.serviceAccount" . | quote }}
+  node_selector: {{ toJson $jobs.nodeSelector }}
+  tolerations: {{ toJson $jobs.tolerations }}
+  resources: {{ toJson $jobs.resources }}
+  store_pvc: {{ include "customdiff.dataClaim" . | quote }}
+  store_mount_path: {{ $mount | quote }}
+  base_model_pvc: {{ .Values.baseModel.existingClaim | quote }}
+  base_model_mount_path: {{ .Values.baseModel.mountPath | quote }}
+  env_from_secrets: {{ if .Values.store.envFromSecret }}[{{ .Values.store.envFromSecret | quote }}]{{ else }}[]{{ end }}
+  run_as_user: {{ .Values.podSecurityContext.runAsUser | default 1000 }}
+  shm_size: {{ $jobs.shmSize | quote }}
+  backoff_limit: {{ $jobs.backoffLimit }}
+  active_deadline_seconds: {{ $jobs.activeDeadlineSeconds }}
+  ttl_seconds_after_finished: {{ $jobs.ttlSecondsAfterFinished }}
+  rendezvous_port: {{ $jobs.rendezvousPort }}
+  watch_timeout_seconds: {{ $jobs.watchTimeoutSeconds }}
+{{- end }}
+
+{{/* Volumes every customdiff pod mounts: config, API keys, TLS, data, base model, /tmp. */}}
+{{- define "customdiff.serviceVolumes" -}}
+- name: config
+  configMap:
+    name: {{ include "customdiff.fullname" . }}
+- name: api-keys
+  secret:
+    secretName: {{ default (include "customdiff.secretName" .) .Values.apiKeys.existingSecret }}
+    items:
+      - key: {{ .Values.apiKeys.secretKey }}
+        path: {{ .Values.apiKeys.secretKey }}
+{{- with .Values.tls.existingSecret }}
+- name: tls
+  secret:
+    secretName: {{ . }}
+{{- end }}
+- name: data
+  persistentVolumeClaim:
+    claimName: {{ include "customdiff.dataClaim" . }}
+{{- with .Values.baseModel.existingClaim }}
+- name: base-model
+  persistentVolumeClaim:
+    claimName: {{ . }}
+    readOnly: true
+{{- end }}
+- name: tmp
+  emptyDir: {}
+{{- end }}
+
+{{/* One message per broken rule, one `fail` for all of them (values.schema.json checks the types). */}}
+{{- define "customdiff.validateValues" -}}
+{{- $errors := list }}
+{{- if include "customdiff.sqlite" . }}
+{{- range $component := list "trainer" "merger" "inference" }}
+{{- if gt (int (index $.Values $component).replicas) 1 }}
+{{- $errors = append $errors (printf "%s.replicas: SQLite (database.url empty) allows 1 replica, got %v; set database.url to a PostgreSQL URL" $component (index $.Values $component).replicas) }}
+{{- end }}
+{{- end }}
+{{- if .Values.inference.autoscaling.enabled }}
+{{- $errors = append $errors "inference.autoscaling.enabled: SQLite (database.url empty) allows 1 replica; set database.url to a PostgreSQL URL" }}
+{{- end }}
+{{- end }}
+{{- if and .Values.database.url .Values.database.existingSecret }}
+{{- $errors = append $errors "database: set url or existingSecret, not both" }}
+{{- end }}
+{{- if and .Values.apiKeys.keys .Values.apiKeys.existingSecret }}
+{{- $errors = append $errors "apiKeys: set keys or existingSecret, not both" }}
+{{- end }}
+{{- if .Values.baseModel.init.enabled }}
+{{- if not .Values.baseModel.existingClaim }}
+{{- $errors = append $errors "baseModel.init.enabled: needs baseModel.existingClaim, the claim the init step fills" }}
+{{- end }}
+{{- if or (not .Values.baseModel.init.image) (not .Values.baseModel.init.command) }}
+{{- $errors = append $errors "baseModel.init.enabled: needs baseModel.init.image and baseModel.init.command" }}
+{{- end }}
+{{- end }}
+{{- with .Values.inference.autoscaling }}
+{{- if and .enabled (gt (int .minReplicas) (int .maxReplicas)) }}
+{{- $errors = append $errors (printf "inference.autoscaling: minReplicas %v is above maxReplicas %v" .minReplicas .maxReplicas) }}
+{{- end }}
+{{- end }}
+{{- if $errors }}
+{{- fail (printf "\ninvalid values:\n- %s" (join "\n- " $errors)) }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,4 @@
+"""`JobLauncher` implementations: `local` (subprocesses) and `kubernetes` (Jobs).
+
+Import the one you need; `kubernetes` pulls in the Kubernetes client, `local` does not.
+"""

@@ -1,0 +1,101 @@
+"""A trainer service stopped mid-job and started again loses neither the job nor its concept."""
+
+import io
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from customdiff.client import Client
+from customdiffusion.v1 import resources_pb2
+from customdiffusion.v1 import trainer_service_pb2 as tpb
+from services.app import start_stack
+from services.common.registry import Registry
+from services.common.settings import Settings
+
+
+def _png(seed: int) -> bytes:
+    img = Image.new("RGB", (64, 64), (20, 20, 20))
+    for x in range(0, 64, 8):
+        for y in range(64):
+            img.putpixel(((x + seed) % 64, y), (230, 120, 10))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _request(steps: int) -> tpb.CreateTrainingJobRequest:
+    return tpb.CreateTrainingJobRequest(
+        concepts=[tpb.ConceptSpec(name="stripes", class_prompt="square", num_class_images=2,
+                                  images=[tpb.ImageInput(data=_png(i)) for i in range(2)])],
+        hyperparameters=tpb.Hyperparameters(resolution=64, max_train_steps=steps, train_batch_size=1,
+                                            checkpointing_steps=5),
+        request_id="restart-test")
+
+
+@pytest.fixture()
+def settings(tmp_path, tiny_base_dir):
+    return Settings(database_url=f"sqlite:///{tmp_path}/registry.db", store_url=str(tmp_path / "store"),
+                    work_dir=str(tmp_path / "jobs"), api_keys="key-a=tenant-a", trainer_port=0,
+                    base_model=str(tiny_base_dir))
+
+
+def _client(stack) -> Client:
+    target = f"127.0.0.1:{stack.ports['trainer']}"
+    return Client(target, target, target, api_key="key-a")
+
+
+def _wait_running(client: Client, name: str) -> None:
+    for event in client.trainer_stub.WatchTrainingJob(tpb.WatchTrainingJobRequest(name=name), metadata=client.metadata,
+                                                      timeout=120):
+        if event.training_job.progress.step >= 1:
+            return
+    raise AssertionError("the job never reported progress")
+
+
+def test_restart_mid_job_reattaches_and_registers_the_concept(settings):
+    stack = start_stack(settings, components=("trainer",))
+    client = _client(stack)
+    job = client.trainer_stub.CreateTrainingJob(_request(steps=60), metadata=client.metadata).training_job
+    _wait_running(client, job.name)
+    client.close()
+    stack.stop(0)  # the service goes away; the training process (its own session) runs on
+
+    stack = start_stack(settings, components=("trainer",))
+    client = _client(stack)
+    again = client.trainer_stub.CreateTrainingJob(_request(steps=60), metadata=client.metadata).training_job
+    assert again.name == job.name  # same request_id after the restart: still one job
+    events = list(client.trainer_stub.WatchTrainingJob(tpb.WatchTrainingJobRequest(name=job.name),
+                                                       metadata=client.metadata, timeout=300))
+    final = events[-1].training_job
+    assert final.state == resources_pb2.JOB_STATE_SUCCEEDED, final.error_message
+    assert final.concept.name == "stripes" and final.concept.version == 1 and len(final.concept.digest) == 64
+    assert [c.name for c in client.concepts()] == ["stripes"]
+    client.close()
+    stack.stop(0)
+
+
+def test_job_that_died_while_the_service_was_down_is_failed_with_a_reason(settings):
+    stack = start_stack(settings, components=("trainer",))
+    client = _client(stack)
+    job = client.trainer_stub.CreateTrainingJob(_request(steps=2000), metadata=client.metadata).training_job
+    _wait_running(client, job.name)
+    client.close()
+    stack.stop(0)
+    row = Registry(settings.database_url).get_job(job.name.removeprefix("trainingJobs/"))
+    pid = int((Path(row.work_dir) / "pid").read_text())
+    os.killpg(pid, signal.SIGKILL)
+    while Path(f"/proc/{pid}").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z":
+        time.sleep(0.1)
+
+    stack = start_stack(settings, components=("trainer",))
+    client = _client(stack)
+    final = list(client.trainer_stub.WatchTrainingJob(tpb.WatchTrainingJobRequest(name=job.name),
+                                                      metadata=client.metadata, timeout=60))[-1].training_job
+    assert final.state == resources_pb2.JOB_STATE_FAILED
+    assert "ended without a result" in final.error_message, final.error_message
+    client.close()
+    stack.stop(0)
