@@ -1,0 +1,192 @@
+"""Concepts in, concept and report out: the thin wrapper around `merger.merge` and `merger.compress`."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import threading
+from pathlib import Path
+
+import torch
+
+from concepts.apply import check_base
+from concepts.artifact import (
+    Concept,
+    LinearDelta,
+    check_digest,
+    concept_from_bytes,
+    concept_to_bytes,
+    digest_of,
+)
+from concepts.base import BaseModel, kv_layers
+from concepts.errors import BaseMismatch, InvalidArgument
+from concepts.store import ArtifactStore
+from merger.compress import check_target, compress_deltas
+from merger.features import concept_features, default_captions, regularization_features
+from merger.merge import DEFAULT_RIDGE, merge_closed_form, regularization_gram
+from merger.report import CompressReport, MergeReport
+
+# R of recent (base, captions): encoding 1000+ captions with SD's text encoder takes seconds on a CPU,
+# and a service merges on one base with the shipped captions again and again.
+_GRAM_CACHE: dict[tuple[str, str, str, str], torch.Tensor] = {}
+_GRAM_CACHE_SIZE = 4
+_GRAM_LOCK = threading.Lock()
+
+
+def merge_concepts(base: BaseModel, concepts: list[Concept], captions: list[str] | None = None,
+                   ridge: float | None = None) -> tuple[Concept, MergeReport]:
+    """Merge two or more concepts of `base` into one dense concept holding every token.
+
+    Args:
+        base: the base model the concepts were made for.
+        concepts: dense or low-rank concepts; each may hold several tokens (e.g. an earlier merge).
+        captions: regularization captions; None uses the shipped set (`merger.features.default_captions`).
+        ridge: relative ridge term of the solve (docs/merge.md); None uses `DEFAULT_RIDGE`.
+
+    Returns:
+        The merged concept (float32 dense deltas; provenance kind "merge") and its report.
+
+    Raises:
+        InvalidArgument: fewer than 2 concepts, an empty caption set, a negative ridge, or a delta on a
+            layer the base has no cross-attention K/V projection for.
+        BaseMismatch: a concept was made for another base, or two concepts for different bases.
+    """
+    # 1. Validate everything before any work.
+    if len(concepts) < 2:
+        raise InvalidArgument("concepts", f"a merge needs at least 2 concepts, got {len(concepts)}")
+    ridge = DEFAULT_RIDGE if ridge is None else float(ridge)
+    if not ridge >= 0:
+        raise InvalidArgument("ridge", f"must be >= 0, got {ridge!r}")
+    captions = default_captions() if captions is None else [c.strip() for c in captions if c.strip()]
+    if not captions:
+        raise InvalidArgument("regularization_captions", "needs at least one non-empty caption")
+    _check_bases(base, concepts)
+    layers = kv_layers(base.unet)
+    for i, concept in enumerate(concepts):
+        unknown = sorted(set(concept.deltas) - set(layers))
+        if unknown:
+            raise InvalidArgument(f"concepts[{i}].deltas",
+                                  f"not cross-attention K/V layers of the base: {unknown[:3]}")
+    # 2. Resolve token clashes, then the features: C_i per concept and R = C_reg^T C_reg.
+    renamed, renames = rename_clashing_tokens(concepts, set(base.tokenizer.get_vocab()))
+    targets = concept_features(base.tokenizer, base.text_encoder, renamed)
+    reg_gram = _regularization_gram(base, captions)
+    # 3. The closed-form solve on every layer any concept touches.
+    names = sorted(set().union(*(c.deltas for c in concepts)))
+    merged, reports, summary = merge_closed_form(
+        {n: layers[n].weight.detach().to("cpu", torch.float64) for n in names},
+        # float32, not float64: the solve upcasts one layer at a time, so 10 SD concepts stay ~0.8 GB.
+        [{n: d.to_dense() for n, d in c.deltas.items()} for c in concepts],
+        targets, reg_gram, ridge,
+    )
+    summary["captions"] = float(len(captions))
+    # 4. One concept with every (renamed) token.
+    result = Concept(
+        deltas={n: LinearDelta(dense=merged[n].to(torch.float32).contiguous()) for n in names},
+        tokens=tuple(t for c in renamed for t in c.tokens),
+        embeddings=torch.cat([c.embeddings.to(torch.float32) for c in renamed]),
+        base_fingerprint=base.fingerprint,
+        class_words=tuple(w for c in renamed for w in (c.class_words or ("",) * len(c.tokens))),
+        provenance={"kind": "merge", "parents": [digest_of(concept_to_bytes(c)) for c in concepts],
+                    "ridge": ridge, "captions": len(captions), "renamed_tokens": renames},
+    )
+    return result, MergeReport(layers=tuple(reports), summary=summary, renamed_tokens=tuple(renames))
+
+
+def _regularization_gram(base: BaseModel, captions: list[str]) -> torch.Tensor:
+    """R = C_reg^T C_reg of `captions` on `base`, [hidden, hidden] float64, from the cache when there."""
+    digest = hashlib.sha256("\n".join(captions).encode()).hexdigest()
+    key = (str(base.path), base.fingerprint, str(base.text_encoder.dtype), digest)
+    with _GRAM_LOCK:
+        if key in _GRAM_CACHE:
+            return _GRAM_CACHE[key]
+    gram = regularization_gram(regularization_features(base.tokenizer, base.text_encoder, captions))
+    with _GRAM_LOCK:
+        if len(_GRAM_CACHE) >= _GRAM_CACHE_SIZE:
+            _GRAM_CACHE.pop(next(iter(_GRAM_CACHE)))
+        _GRAM_CACHE[key] = gram
+    return gram
+
+
+def _check_bases(base: BaseModel, concepts: list[Concept]) -> None:
+    """All inputs must share one base, and it must be `base`; the error names both fingerprints."""
+    first = concepts[0].base_fingerprint
+    for i, concept in enumerate(concepts[1:], start=1):
+        if concept.base_fingerprint != first:
+            raise BaseMismatch(f"concepts[{i}] (while concepts[0] was made for base fingerprint {first})",
+                               expected=base.fingerprint, actual=concept.base_fingerprint)
+    check_base(concepts[0], base.fingerprint, what="concepts[0]")
+
+
+def rename_clashing_tokens(concepts: list[Concept], reserved: set[str]) -> tuple[list[Concept], list[str]]:
+    """Give every token that an earlier concept (or the vocabulary) already uses a fresh ``<newK>`` name.
+
+    A fresh name is the lowest ``<newK>`` used by no input, no earlier rename and not in `reserved`.
+
+    Returns:
+        The concepts with renamed tokens (others unchanged) and the renames as ``"old -> new"``.
+    """
+    taken = set(reserved) | {t for c in concepts for t in c.tokens}
+    numbers = itertools.count(1)
+    seen: set[str] = set(reserved)
+    out, renames = [], []
+    for concept in concepts:
+        tokens = []
+        for token in concept.tokens:
+            if token in seen:
+                new = next(f"<new{k}>" for k in numbers if f"<new{k}>" not in taken)
+                taken.add(new)
+                renames.append(f"{token} -> {new}")
+                token = new
+            seen.add(token)
+            tokens.append(token)
+        unchanged = tuple(tokens) == concept.tokens
+        out.append(concept if unchanged else dataclasses.replace(concept, tokens=tuple(tokens)))
+    return out, renames
+
+
+def compress_concept(concept: Concept, rank: int | None = None, fraction: float | None = None,
+                     energy: float | None = None,
+                     dtype: torch.dtype = torch.float16) -> tuple[Concept, CompressReport]:
+    """Replace every delta of `concept` by truncated-SVD factors; see `merger.compress`.
+
+    Returns:
+        The low-rank concept (provenance kind "compress") and its report; the summary adds
+        ``bytes_before``/``bytes_after`` (tensor bytes, embeddings included) and ``compression_ratio``.
+
+    Raises:
+        InvalidArgument: not exactly one of rank/fraction/energy, a value out of range, or a dtype
+            other than float16/float32 (the field is named).
+    """
+    check_target(rank, fraction, energy, dtype)
+    # Dense deltas as they are (the SVD upcasts one layer at a time); factors expanded exactly.
+    dense = {name: delta.dense if delta.dense is not None else delta.to_dense(torch.float64)
+             for name, delta in concept.deltas.items()}
+    factors, reports, summary = compress_deltas(dense, rank, fraction, energy, dtype)
+    target = {k: v for k, v in (("rank", rank), ("fraction", fraction), ("energy", energy)) if v is not None}
+    result = dataclasses.replace(
+        concept,
+        deltas={name: LinearDelta(up=up, down=down) for name, (up, down) in factors.items()},
+        provenance={"kind": "compress", "parent": digest_of(concept_to_bytes(concept)), **target,
+                    "dtype": str(dtype).removeprefix("torch.")},
+    )
+    summary.update(bytes_before=float(concept.nbytes), bytes_after=float(result.nbytes),
+                   compression_ratio=concept.nbytes / result.nbytes)
+    return result, CompressReport(layers=tuple(reports), summary=summary)
+
+
+def load_concept(ref: str, store: ArtifactStore | None) -> Concept:
+    """A concept from a ``.safetensors`` artifact file, or by digest (``<hex>`` / ``sha256:<hex>``) from `store`.
+
+    Raises:
+        InvalidArgument: `ref` is neither an existing file nor a digest, or a digest without a store.
+        NotFound, CorruptArtifact: from the store or the file's bytes.
+    """
+    path = Path(ref)
+    if path.is_file():
+        return concept_from_bytes(path.read_bytes(), source=str(path))
+    digest = check_digest(ref, field_name="concept")
+    if store is None:
+        raise InvalidArgument("store", f"concept {ref} is a digest; give the store that holds it")
+    return store.get_concept(digest)
