@@ -35,7 +35,7 @@ class MergeRequest:
 class CompressRequest:
     concept_name: str
     request_id: str
-    input_id: int
+    input_ids: list[int]  # exactly one
     target: dict[str, Any] = field(default_factory=dict)  # exactly one of rank / fraction / energy
     dtype: str = "fp16"
 

@@ -65,7 +65,7 @@ class MergerServicer(merger_service_pb2_grpc.MergerServiceServicer):
         name = check_name(request.concept_name or ref.name, "concept_name")
         _check_request_id(request.request_id)
         row = self.registry.get_concept(tenant, ref.name, ref.version)
-        domain = CompressRequest(name, request.request_id, row.id, {which: value}, DTYPES[request.dtype])
+        domain = CompressRequest(name, request.request_id, [row.id], {which: value}, DTYPES[request.dtype])
         job, _ = self.jobs.submit(tenant, "compress", domain, _summary(request))
         return pb.CompressConceptResponse(merger_job=self._job(job))
 
