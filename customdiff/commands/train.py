@@ -1,0 +1,129 @@
+"""`customdiff train`: learn one concept (or several jointly) from folders of images into an artifact store."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+PER_CONCEPT = ("name", "token", "initializer", "instance_prompt", "class_images")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="train a concept with Custom Diffusion and store its artifact",
+        description="Fine-tune the base's cross-attention K/V and one modifier token per concept. Repeat "
+                    "--images/--class-prompt (and the per-concept options) to train several concepts jointly. "
+                    "Every option of the job spec is documented in docs/job-spec.md.",
+    )
+    p.add_argument("--base", required=True, help="diffusers Stable Diffusion directory")
+    p.add_argument("--images", required=True, action="append", help="folder of target images (one per concept)")
+    p.add_argument("--class-prompt", required=True, action="append", help='class of the concept, e.g. "dog"')
+    p.add_argument("--out", required=True, help="artifact store: a directory or an fsspec URL")
+    p.add_argument("--name", action="append", help="concept name (default: the images folder's name)")
+    p.add_argument("--token", action="append", help="modifier token (default <new1>, <new2>, ...)")
+    p.add_argument("--initializer", action="append", help="initializer word (default ktn, pll, ucd, sks)")
+    p.add_argument("--instance-prompt", action="append", help='default "photo of a {token} {class_prompt}"')
+    p.add_argument("--class-images", action="append", help="folder of regularization images (default: generated)")
+    p.add_argument("--num-class-images", type=int, default=200, help="regularization images to generate (200)")
+    p.add_argument("--steps", type=int, help="optimizer steps (default 250 per concept)")
+    p.add_argument("--lr", type=float, default=1e-5, help="base learning rate before scaling (1e-5)")
+    p.add_argument("--batch-size", type=int, default=2, help="target images per step and process (2)")
+    p.add_argument("--resolution", type=int, default=512, help="training resolution in pixels (512)")
+    p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
+    p.add_argument("--train-mode", choices=("crossattn_kv", "crossattn"), default="crossattn_kv")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--no-prior-preservation", action="store_true", help="train without regularization images")
+    p.add_argument("--no-augment", action="store_true", help="no zoom-in/zoom-out augmentation")
+    p.add_argument("--class-image-steps", type=int, default=50, help="denoising steps per generated image (50)")
+    p.add_argument("--checkpointing-steps", type=int, default=100, help="checkpoint every N steps (100)")
+    p.add_argument("--work-dir", help="job directory (progress, checkpoint); reuse it to resume (default: temporary)")
+    p.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "customdiff" / "class-images"),
+                   help="where generated class images are cached and reused")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.set_defaults(run=_run)
+
+
+def _files(folder: str, option: str) -> list[str]:
+    from concepts.errors import InvalidArgument
+
+    path = Path(folder)
+    if not path.is_dir():
+        raise InvalidArgument(option, f"{folder} is not a directory")
+    files = sorted(str(f) for f in path.iterdir() if f.is_file() and not f.name.startswith("."))
+    if not files:
+        raise InvalidArgument(option, f"{folder} holds no files")
+    return files
+
+
+def _concepts(args: argparse.Namespace) -> list[dict]:
+    from concepts.errors import InvalidArgument
+
+    n = len(args.images)
+    if len(args.class_prompt) != n:
+        raise InvalidArgument("--class-prompt", f"give one per --images ({n}), got {len(args.class_prompt)}")
+    for key in PER_CONCEPT:
+        values = getattr(args, key)
+        if values is not None and len(values) != n:
+            option = f"--{key.replace('_', '-')}"
+            raise InvalidArgument(option, f"give one per --images ({n}) or none, got {len(values)}")
+    concepts = []
+    for i, (folder, class_prompt) in enumerate(zip(args.images, args.class_prompt)):
+        concept = {"name": Path(folder).resolve().name, "class_prompt": class_prompt,
+                   "images": _files(folder, "--images"), "num_class_images": args.num_class_images}
+        for key, field in (("name", "name"), ("token", "modifier_token"), ("initializer", "initializer_token"),
+                           ("instance_prompt", "instance_prompt")):
+            if getattr(args, key) is not None:
+                concept[field] = getattr(args, key)[i]
+        if args.class_images is not None:
+            concept["class_images"] = [{"path": f} for f in _files(args.class_images[i], "--class-images")]
+        concepts.append(concept)
+    return concepts
+
+
+def _spec(args: argparse.Namespace):
+    from trainer.spec import JobSpec
+
+    hp = {"learning_rate": args.lr, "train_batch_size": args.batch_size, "resolution": args.resolution,
+          "mixed_precision": args.mixed_precision, "train_mode": args.train_mode, "seed": args.seed,
+          "gradient_checkpointing": args.gradient_checkpointing, "augment": not args.no_augment,
+          "with_prior_preservation": not args.no_prior_preservation, "class_image_steps": args.class_image_steps,
+          "checkpointing_steps": args.checkpointing_steps}
+    if args.steps is not None:
+        hp["max_train_steps"] = args.steps
+    work_dir = args.work_dir or tempfile.mkdtemp(prefix="customdiff-train-")
+    return JobSpec.from_dict({
+        "base_model": args.base, "store_url": args.out, "work_dir": work_dir, "concepts": _concepts(args),
+        "hyperparameters": hp, "class_image_cache_dir": args.cache_dir, "device": args.device,
+        "provenance": {"source": "customdiff train"},
+    })
+
+
+def _run(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from trainer.job import run_job
+
+    spec = _spec(args)
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    bar = tqdm(total=spec.hyperparameters.max_train_steps, desc="preparing", unit="step", disable=not is_main)
+
+    def on_event(event: dict) -> None:
+        if event["event"] == "state":
+            bar.set_description(event["state"])
+        elif event["event"] == "progress":
+            bar.update(event["step"] - bar.n)
+            bar.set_postfix(loss=f"{event['loss']:.4f}", lr=f"{event['lr']:.2e}")
+
+    try:
+        result = run_job(spec, listener=on_event)
+    finally:
+        bar.close()
+    if is_main:
+        print(json.dumps({"digest": result.digest, "store": spec.store_url, "work_dir": spec.work_dir,
+                          "tokens": [c.modifier_token for c in spec.concepts],
+                          "class_words": [c.class_prompt for c in spec.concepts]}))
+    return 0
