@@ -61,6 +61,11 @@ def make_launcher(settings: Settings):
 
 def start_stack(settings: Settings, components: tuple[str, ...] = COMPONENTS, base_model: str | None = None) -> Stack:
     """Start the gRPC servers of `components` (each with ConceptService, health and reflection)."""
+    # transformers and diffusers resolve their lazy attributes unsafely when threads import them at
+    # once ("cannot import name 'CLIPTokenizer'"); resolve what jobs use here, before any RPC thread.
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel  # noqa: F401
+    from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
+
     registry = Registry(settings.database_url)
     registry.migrate()
     store = ArtifactStore(settings.store_url)

@@ -29,10 +29,13 @@ def _run(args: argparse.Namespace) -> int:
     base = resolve_base_model(settings)
     triton = None
     if "triton" in components:
+        from customdiff.local import free_port
         from services.inference.triton_server import start_triton
 
-        triton = start_triton(base_model=base, store_url=settings.store_url,
-                              grpc_port=int(settings.triton_url.rsplit(":", 1)[1]))
+        host, port = settings.triton_url.rsplit(":", 1)
+        # Clients use Triton's gRPC port only; its HTTP and metrics endpoints get free ports.
+        triton = start_triton(base_model=base, store_url=settings.store_url, host=host, grpc_port=int(port),
+                              http_port=free_port(host), metrics_port=free_port(host))
     stack = start_stack(settings, tuple(c for c in components if c != "triton"), base_model=base)
     print(json.dumps({"ports": stack.ports, "triton": settings.triton_url if triton else None}), flush=True)
     wait_for_signal()
