@@ -1,5 +1,5 @@
 """Subcommands of the `customdiff` CLI; each module has `register(subparsers)`."""
 
-from customdiff.commands import base, demo, interop, serve
+from customdiff.commands import base, demo, export_onnx, generate, interop, merge, serve, train, triton
 
-COMMANDS = [base, demo, interop, serve]
+COMMANDS = [base, demo, interop, serve, merge, generate, triton, train, export_onnx]

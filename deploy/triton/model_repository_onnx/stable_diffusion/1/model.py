@@ -1,0 +1,70 @@
+"""Triton Python model "stable_diffusion" of the ONNX repository: the engine on onnxruntime models by BLS.
+
+Requests, parameters, outputs and errors are those of model_repository/stable_diffusion; the
+difference is where the graphs run: `run` below calls this repository's "unet", "text_encoder" and
+"vae_decoder" models (`services/inference/onnx_pipeline.py` wires them into the engine), while the
+per-request concept math stays here. deploy/triton/README.md, "ONNX variant", documents it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+import triton_python_backend_utils as pb_utils
+from torch.utils import dlpack
+
+from concepts.base import load_base
+from concepts.errors import CustomDiffError, InvalidArgument, Unavailable
+from concepts.store import ArtifactStore
+from services.inference.onnx_pipeline import exported_engine
+from services.inference.onnx_unet import GRAPH_FILE, OUTPUTS, UNET, Run
+from services.inference.triton_model import respond
+from services.inference.triton_protocol import ModelSettings
+
+log = logging.getLogger("customdiff.triton")
+
+
+def run(model: str) -> Run:
+    """Call `model` through BLS; tensors pass by DLPack (no copy here, on the CPU or the GPU)."""
+    def call(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        request = pb_utils.InferenceRequest(
+            model_name=model, requested_output_names=[OUTPUTS[model]],
+            inputs=[pb_utils.Tensor.from_dlpack(name, dlpack.to_dlpack(tensor.contiguous()))
+                    for name, tensor in inputs.items()])
+        response = request.exec()
+        if response.has_error():
+            raise Unavailable(f"model {model}: {response.error().message()}")
+        output = pb_utils.get_output_tensor_by_name(response, OUTPUTS[model])
+        return torch.from_dlpack(output.to_dlpack()).clone()  # the response owns that memory
+
+    return call
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        """Load the base for the concept math and check that the exported UNet was made from it."""
+        config = json.loads(args["model_config"])
+        try:
+            settings = ModelSettings.from_config(config.get("parameters", {}), os.environ)
+            if settings.dtype != "float32":
+                raise InvalidArgument("dtype", f"must be float32, the graphs' type, got {settings.dtype!r}")
+            gpu = args["model_instance_kind"] == "GPU"
+            device = f"cuda:{args['model_instance_device_id']}" if gpu else "cpu"
+            unet_onnx = Path(args["model_repository"]).parent / UNET / "1" / GRAPH_FILE
+            self.engine = exported_engine(
+                load_base(settings.base_model, device=device), ArtifactStore(settings.store_url), run,
+                unet_onnx, cache_bytes=settings.cache_bytes, host_cache_bytes=settings.host_cache_bytes,
+                max_batch_images=settings.max_batch_images)
+        except CustomDiffError as e:
+            raise pb_utils.TritonModelException(f"stable_diffusion (ONNX repository): {e}") from e
+        log.info("stable_diffusion (ONNX) instance %s: base %s (fingerprint %s) on %s, graphs in %s",
+                 args["model_instance_name"], settings.base_model, self.engine.base.fingerprint, device,
+                 unet_onnx.parents[2])
+
+    def execute(self, requests: list) -> list:
+        """One response per request, in order; the batch's valid requests share the graphs' calls."""
+        return respond(self.engine, requests, "stable_diffusion (ONNX)")

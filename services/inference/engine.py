@@ -1,0 +1,260 @@
+"""The multi-concept engine: one base pipeline, any mix of concepts in one UNet batch.
+
+Requests whose size, step count and scheduler agree share a UNet batch whatever their concepts;
+each sample's concepts act through its own cross-attention K/V (`kv.py`) and its own modifier-token
+embeddings (`text.py`). Parity with diffusers is the contract: a request's images equal
+`StableDiffusionPipeline` with its concepts installed by `concepts.apply.apply_concepts`, the same
+scheduler and ``generator=[torch.Generator().manual_seed(seed + i) for i in range(num_images)]``.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from concepts.apply import check_base
+from concepts.artifact import Concept
+from concepts.base import BaseModel, load_base
+from concepts.errors import CorruptArtifact, CustomDiffError, InvalidArgument
+from concepts.store import ArtifactStore
+from services.inference.cache import ConceptCache
+from services.inference.kv import compute_kv, expand_kv, install_kv_processors, precomputed_kv
+from services.inference.onnx_unet import KVUNet, onnx_unet
+from services.inference.request import GenerationRequest
+from services.inference.text import PromptEncoder, TokenizedPrompt
+
+log = logging.getLogger(__name__)
+
+SCHEDULER_CLASSES = {"ddim": "DDIMScheduler", "dpm_solver_multistep": "DPMSolverMultistepScheduler",
+                     "euler": "EulerDiscreteScheduler"}
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A request resolved against the cache and tokenized; `uncond` only with guidance."""
+
+    request: GenerationRequest
+    concepts: tuple[Concept, ...]
+    cond: TokenizedPrompt
+    uncond: TokenizedPrompt | None
+    height: int
+    width: int
+
+
+def make_scheduler(base_scheduler, name: str):
+    """A fresh scheduler: the base's own class for "", else diffusers' class `from_config` of the base's.
+
+    Fixed up as `StableDiffusionPipeline.__init__` fixes the scheduler it is given (``steps_offset``
+    1, ``clip_sample`` off: clipping x0 to [-1, 1] is wrong for latents), so that a pipeline built
+    with this scheduler runs exactly this one.
+    """
+    import diffusers
+
+    cls = type(base_scheduler) if name == "" else getattr(diffusers, SCHEDULER_CLASSES[name])
+    scheduler = cls.from_config(base_scheduler.config)
+    fixes = {key: value for key, value in (("steps_offset", 1), ("clip_sample", False))
+             if key in scheduler.config and scheduler.config[key] != value}
+    if not fixes:
+        return scheduler
+    # from_config would reset the keys `_use_default_values` lists (clip_sample is one) to the defaults.
+    config = {k: v for k, v in scheduler.config.items() if k != "_use_default_values"}
+    return cls.from_config({**config, **fixes})
+
+
+def to_png(image: np.ndarray) -> bytes:
+    """[H, W, 3] floats in [0, 1] -> PNG bytes, quantized as diffusers' `numpy_to_pil` does."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray((image * 255).round().astype("uint8")).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class Engine:
+    """Generates images for batches of `GenerationRequest`s on one base model.
+
+    Thread-safe: concurrent `generate_batch` calls share the (read-only) modules and the cache;
+    per-call state lives in ContextVars. On one device they compete for it, so a server runs one
+    call at a time per model instance (Triton does) and batches instead.
+
+    Args:
+        base: the base model; its UNet's cross-attention processors are replaced (owned from now on).
+        store: where concepts are read from, by digest, on their first request.
+        cache_bytes: budget of the concept cache on `base`'s device.
+        host_cache_bytes: budget of the host-memory tier behind it (ignored on the CPU).
+        max_batch_images: most images per UNet batch (a request's images are never split).
+        unet_runner: runs the UNet instead of `base.unet` (the exported graph, K/V as inputs: `onnx_unet.py`).
+    """
+
+    def __init__(self, base: BaseModel, store: ArtifactStore, cache_bytes: int = 1 << 30,
+                 host_cache_bytes: int = 0, max_batch_images: int = 16,
+                 unet_runner: KVUNet | None = None) -> None:
+        from diffusers.image_processor import VaeImageProcessor
+
+        self.base = base
+        device = base.unet.device
+        self.cache = ConceptCache(store, self.validate_concept, device=device, dtype=base.unet.dtype,
+                                  device_bytes=cache_bytes, host_bytes=0 if device.type == "cpu" else host_cache_bytes)
+        self.max_batch_images = max_batch_images
+        self.unet_runner = unet_runner
+        self.layers = install_kv_processors(base.unet)
+        self.prompts = PromptEncoder(base.tokenizer, base.text_encoder)
+        self.vae_scale_factor = 2 ** (len(base.vae.config.block_out_channels) - 1)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        self.base_vocab = set(base.tokenizer.get_vocab())
+        self.layer_shapes = {f"{path}.{proj}": tuple(getattr(attn, proj).weight.shape)
+                             for path, attn in self.layers.items() for proj in ("to_k", "to_v")}
+
+    @classmethod
+    def from_paths(cls, base_dir: str | Path, store_url: str, device: str = "cpu",
+                   dtype: torch.dtype = torch.float32, cache_bytes: int = 1 << 30, host_cache_bytes: int = 0,
+                   max_batch_images: int = 16, unet_backend: str = "torch", unet_onnx: str = "") -> "Engine":
+        """Load the base from a diffusers directory and serve concepts from the store at `store_url`.
+
+        `unet_backend` "onnxruntime" runs the UNet exported to `unet_onnx` by `customdiff export-onnx`.
+        """
+        base = load_base(base_dir, dtype=dtype, device=device)
+        return cls(base, ArtifactStore(store_url), cache_bytes, host_cache_bytes, max_batch_images,
+                   unet_runner=onnx_unet(unet_backend, unet_onnx, base))
+
+    def validate_concept(self, digest: str, concept: Concept) -> None:
+        """Refuse a concept this base cannot serve (the cache calls this once per load).
+
+        Raises:
+            BaseMismatch: made for another base.
+            CorruptArtifact: deltas on layers this base lacks, or shapes that differ from them.
+            InvalidArgument: a modifier token is already a word of the base vocabulary.
+        """
+        check_base(concept, self.base.fingerprint, what=f"concept {digest}")
+        wrong = [n for n, d in concept.deltas.items() if self.layer_shapes.get(n) != tuple(d.shape)]
+        hidden = self.base.text_encoder.get_input_embeddings().weight.shape[1]
+        if wrong or concept.embeddings.shape[1] != hidden:
+            raise CorruptArtifact(f"concept {digest}: deltas or embeddings do not fit this base ({wrong[:3]})")
+        clashes = [t for t in concept.tokens if t in self.base_vocab]
+        if clashes:
+            raise InvalidArgument("concept_digests", f"concept {digest}: tokens {clashes} are base vocabulary words")
+
+    def generate(self, request: GenerationRequest) -> list[np.ndarray]:
+        """The request's images, each [H, W, 3] float32 in [0, 1]; raises its domain error."""
+        (result,) = self.generate_batch([request])
+        if isinstance(result, CustomDiffError):
+            raise result
+        return result
+
+    def generate_png(self, request: GenerationRequest) -> list[bytes]:
+        """The request's images as PNG bytes."""
+        return [to_png(image) for image in self.generate(request)]
+
+    def generate_batch(self, requests: list[GenerationRequest]) -> list[list[np.ndarray] | CustomDiffError]:
+        """Images of every request, or the domain error that request alone failed with.
+
+        Returns:
+            one entry per request, in order: its images ([H, W, 3] float32 in [0, 1]) or its error.
+        """
+        # 1. Resolve concepts and tokenize; a failing request fails alone.
+        results: list[list[np.ndarray] | CustomDiffError | None] = [None] * len(requests)
+        groups: dict[tuple[int, int, int, str], list[tuple[int, _Prepared]]] = {}
+        for i, request in enumerate(requests):
+            try:
+                prepared = self._prepare(request)
+            except CustomDiffError as e:
+                results[i] = e
+                continue
+            key = (prepared.height, prepared.width, request.num_inference_steps, request.scheduler)
+            groups.setdefault(key, []).append((i, prepared))
+        # 2. One UNet batch per group (chunked by image count), whatever the concepts.
+        for members in groups.values():
+            for chunk in self._chunks(members):
+                images = self._run([p for _, p in chunk])
+                for (i, _), imgs in zip(chunk, images):
+                    results[i] = imgs
+        return results
+
+    def _chunks(self, members: list[tuple[int, _Prepared]]) -> list[list[tuple[int, _Prepared]]]:
+        chunks: list[list[tuple[int, _Prepared]]] = [[]]
+        count = 0
+        for member in members:
+            n = member[1].request.num_images
+            if chunks[-1] and count + n > self.max_batch_images:
+                chunks.append([])
+                count = 0
+            chunks[-1].append(member)
+            count += n
+        return chunks
+
+    def _prepare(self, request: GenerationRequest) -> _Prepared:
+        concepts = tuple(self.cache.get(d) for d in request.concept_digests)
+        embeddings: dict[str, torch.Tensor] = {}
+        owner: dict[str, str] = {}
+        for digest, concept in zip(request.concept_digests, concepts):
+            for token, embedding in zip(concept.tokens, concept.embeddings):
+                if token.lower() in owner:
+                    raise InvalidArgument("concept_digests", f"concepts {owner[token.lower()]} and {digest} "
+                                                             f"both define modifier token {token!r}")
+                owner[token.lower()] = digest
+                embeddings[token] = embedding
+        cond = self.prompts.tokenize(request.prompt, embeddings, "prompt")
+        uncond = self.prompts.tokenize(request.negative_prompt, embeddings, "negative_prompt") \
+            if request.do_guidance else None
+        default = self.base.unet.config.sample_size * self.vae_scale_factor
+        return _Prepared(request, concepts, cond, uncond, request.height or default, request.width or default)
+
+    @torch.inference_mode()
+    def _run(self, batch: list[_Prepared]) -> list[list[np.ndarray]]:
+        """One UNet batch: requests agreeing on size, steps and scheduler."""
+        unet, device = self.base.unet, self.base.unet.device
+        first = batch[0]
+        # 2.1 Text rows (a prompt, and a negative prompt with guidance, per request) and their K/V.
+        texts, row_concepts, cond_row, uncond_row = [], [], [], []
+        for p in batch:
+            cond_row.append(len(texts))
+            texts.append(p.cond)
+            row_concepts.append(p.concepts)
+            uncond_row.append(len(texts) if p.uncond else None)
+            if p.uncond:
+                texts.append(p.uncond)
+                row_concepts.append(p.concepts)
+        text = self.prompts.encode(texts)
+        kv = compute_kv(self.layers, text, row_concepts)
+        # 2.2 Samples: image i of a request starts from torch.Generator().manual_seed(seed + i).
+        samples = [(j, p.request.seed + i) for j, p in enumerate(batch) for i in range(p.request.num_images)]
+        guided = [s for s, (j, _) in enumerate(samples) if batch[j].uncond is not None]
+        # UNet rows as diffusers orders them: the unconditional rows (guided samples), then the conditional.
+        rows = [uncond_row[samples[s][0]] for s in guided] + [cond_row[j] for j, _ in samples]
+        rows_t = torch.tensor(rows, device=device)
+        kv_rows, text_rows = expand_kv(kv, rows_t), text.index_select(0, rows_t)
+        shape = (1, unet.config.in_channels, first.height // self.vae_scale_factor, first.width // self.vae_scale_factor)
+        latents = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=text.dtype)
+                             for _, seed in samples]).to(device)
+        scheduler = make_scheduler(self.base.scheduler, first.request.scheduler)
+        scheduler.set_timesteps(first.request.num_inference_steps, device=device)
+        latents = latents * scheduler.init_noise_sigma
+        guided_t = torch.tensor(guided, device=device, dtype=torch.long)
+        scale = torch.tensor([batch[samples[s][0]].request.guidance_scale for s in guided],
+                             device=device, dtype=latents.dtype).view(-1, 1, 1, 1)
+        # 2.3 Denoising loop; the K/V above serve every step (an exported UNet takes them as inputs).
+        step = self.unet_runner.bind(kv_rows) if self.unet_runner is not None else None
+        with precomputed_kv(kv_rows):
+            for t in scheduler.timesteps:
+                model_input = scheduler.scale_model_input(torch.cat([latents[guided_t], latents]), t)
+                if step is not None:
+                    noise = step(model_input, t)
+                else:
+                    noise = unet(model_input, t, encoder_hidden_states=text_rows, return_dict=False)[0]
+                uncond, cond = noise[: len(guided)], noise[len(guided):]
+                noise = cond.clone()
+                noise[guided_t] = uncond + scale * (cond[guided_t] - uncond)
+                latents = scheduler.step(noise, t, latents, return_dict=False)[0]
+        # 2.4 Decode, as the pipeline's output_type="np".
+        images = self.base.vae.decode(latents / self.base.vae.config.scaling_factor, return_dict=False)[0]
+        images = self.image_processor.postprocess(images, output_type="np")
+        out, start = [], 0
+        for p in batch:
+            out.append(list(images[start: start + p.request.num_images]))
+            start += p.request.num_images
+        return out

@@ -1,0 +1,115 @@
+"""One text-to-image request as the engine and Triton see it: validated on construction, naming the field."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from concepts.artifact import check_digest
+from concepts.errors import InvalidArgument
+
+SCHEDULERS = ("", "ddim", "dpm_solver_multistep", "euler")  # "" = the base model's own scheduler
+MAX_SIDE = 2048
+MAX_IMAGES = 8
+MAX_STEPS = 150
+MAX_GUIDANCE = 30.0
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What to generate; every image of the request uses all of `concept_digests`.
+
+    Args:
+        prompt: text, may use the concepts' modifier tokens, e.g. ``"photo of a <new1> dog"``.
+        negative_prompt: the classifier-free guidance's unconditional text ("" as in diffusers).
+        concept_digests: sha256 digests of concept artifacts (``sha256:`` prefix accepted); empty
+            uses the plain base model.
+        num_images: images to generate, 1..8; image i uses seed ``seed + i``.
+        num_inference_steps: denoising steps, 1..150.
+        guidance_scale: 0..30; 1 or less disables classifier-free guidance, as in diffusers.
+        seed: seed of image 0's `torch.Generator().manual_seed`, 0..2**63-1.
+        height: pixels, a multiple of 8 up to 2048; 0 uses the base model's sample size.
+        width: like height.
+        scheduler: "" (the base's own), "ddim", "dpm_solver_multistep" (DPM-Solver++) or "euler".
+
+    Raises:
+        InvalidArgument: naming the first invalid field and the value received.
+    """
+
+    prompt: str
+    negative_prompt: str = ""
+    concept_digests: tuple[str, ...] = ()
+    num_images: int = 1
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    seed: int = 0
+    height: int = 0
+    width: int = 0
+    scheduler: str = ""
+
+    def __post_init__(self) -> None:
+        _check_type("prompt", self.prompt, str)
+        _check_type("negative_prompt", self.negative_prompt, str)
+        if isinstance(self.concept_digests, (str, bytes)) or not isinstance(self.concept_digests, (tuple, list)):
+            raise InvalidArgument("concept_digests", f"expected a sequence of digests, got {self.concept_digests!r}")
+        digests = tuple(check_digest(str(d), f"concept_digests[{i}]") for i, d in enumerate(self.concept_digests))
+        if len(set(digests)) != len(digests):
+            raise InvalidArgument("concept_digests", f"a concept is named twice: {list(self.concept_digests)}")
+        object.__setattr__(self, "concept_digests", digests)
+        _check_int("num_images", self.num_images, 1, MAX_IMAGES)
+        _check_int("num_inference_steps", self.num_inference_steps, 1, MAX_STEPS)
+        _check_type("guidance_scale", self.guidance_scale, (int, float))
+        if not (math.isfinite(self.guidance_scale) and 0.0 <= self.guidance_scale <= MAX_GUIDANCE):
+            raise InvalidArgument("guidance_scale", f"must be within [0, {MAX_GUIDANCE:g}], got {self.guidance_scale!r}")
+        object.__setattr__(self, "guidance_scale", float(self.guidance_scale))
+        _check_int("seed", self.seed, 0, MAX_SEED - (self.num_images - 1))
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            _check_int(name, value, 0, MAX_SIDE)
+            if value % 8:
+                raise InvalidArgument(name, f"must be a multiple of 8 (or 0 for the base's size), got {value}")
+        if self.scheduler not in SCHEDULERS:
+            raise InvalidArgument("scheduler", f"must be one of {list(SCHEDULERS)}, got {self.scheduler!r}")
+
+    @property
+    def do_guidance(self) -> bool:
+        """Classifier-free guidance runs, as in diffusers, only for a guidance scale above 1."""
+        return self.guidance_scale > 1.0
+
+    def to_parameters(self) -> dict[str, Any]:
+        """Every field except the prompts, as Triton request parameters (strings, ints, floats)."""
+        params = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                  if f.name not in ("prompt", "negative_prompt")}
+        params["concept_digests"] = ",".join(self.concept_digests)
+        return params
+
+    @classmethod
+    def from_parameters(cls, prompt: str, negative_prompt: str, params: dict[str, Any]) -> "GenerationRequest":
+        """The inverse of `to_parameters`; rejects unknown keys.
+
+        Raises:
+            InvalidArgument: an unknown key, or a field `__post_init__` rejects.
+        """
+        known = {f.name for f in dataclasses.fields(cls)} - {"prompt", "negative_prompt"}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise InvalidArgument(unknown[0], f"unknown request parameter(s) {unknown}; known: {sorted(known)}")
+        values = dict(params)
+        if "concept_digests" in values:
+            _check_type("concept_digests", values["concept_digests"], str)
+            values["concept_digests"] = tuple(d for d in values["concept_digests"].split(",") if d)
+        return cls(prompt=prompt, negative_prompt=negative_prompt, **values)
+
+
+def _check_type(name: str, value: object, types: type | tuple[type, ...]) -> None:
+    if isinstance(value, bool) or not isinstance(value, types):
+        raise InvalidArgument(name, f"wrong type {type(value).__name__}: {value!r}")
+
+
+def _check_int(name: str, value: object, low: int, high: int) -> None:
+    _check_type(name, value, int)
+    if not low <= value <= high:
+        raise InvalidArgument(name, f"must be within [{low}, {high}], got {value}")
