@@ -27,6 +27,7 @@ the last line on stdout is the JSON.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -102,7 +103,7 @@ def compressed_concept(base: BaseModel, seed: int, token: str) -> Concept:
 
 def make_requests(digests: list[str | None], steps: int) -> list[GenerationRequest]:
     """One request per entry: with that concept (its token in the prompt), or a base-model request."""
-    return [GenerationRequest(f"photo of a {'<c%d>' % i if d else 'ktn'} dog", concept_digests=(d,) if d else (),
+    return [GenerationRequest(f"photo of a {f'<c{i}>' if d else 'ktn'} dog", concept_digests=(d,) if d else (),
                               num_inference_steps=steps, seed=i) for i, d in enumerate(digests)]
 
 
@@ -148,13 +149,16 @@ def measure(serve_batch: Callable[[list[GenerationRequest]], object],
     t = fastest({"base": lambda: serve_batch(base_reqs), "single": lambda: serve_batch(single_reqs),
                  "mixed": lambda: serve_batch(mixed_reqs), "one_by_one": lambda: [serve_one(r) for r in base_reqs],
                  "diffusers": diffusers}, rounds, clock)
+    def read_artifact(digest: str) -> Concept:
+        return concept_from_bytes(store.get(digest))
+
     swap, read = [], []
     for k in range(rounds):
         fresh = store.put_concept(compressed_concept(base, 1000 * steps + k, "<c0>"))
         request = GenerationRequest("photo of a <c0> dog", concept_digests=(fresh,), num_inference_steps=1)
-        cold = seconds(lambda: serve_one(request), clock)  # reads, decodes and caches the concept
-        swap.append(cold - seconds(lambda: serve_one(request), clock))
-        read.append(seconds(lambda: concept_from_bytes(store.get(fresh)), clock))
+        cold = seconds(functools.partial(serve_one, request), clock)  # reads, decodes and caches the concept
+        swap.append(cold - seconds(functools.partial(serve_one, request), clock))
+        read.append(seconds(functools.partial(read_artifact, fresh), clock))
     return {"overhead_single": t["single"] / t["base"], "overhead_mixed": t["mixed"] / t["base"],
             "cold_swap_ms": 1000 * statistics.median(swap), "artifact_read_ms": 1000 * min(read),
             "batching_gain": t["one_by_one"] / t["base"], "vs_diffusers": t["diffusers"] / t["mixed"]}

@@ -113,7 +113,7 @@ class Engine:
     @classmethod
     def from_paths(cls, base_dir: str | Path, store_url: str, device: str = "cpu",
                    dtype: torch.dtype = torch.float32, cache_bytes: int = 1 << 30, host_cache_bytes: int = 0,
-                   max_batch_images: int = 16, unet_backend: str = "torch", unet_onnx: str = "") -> "Engine":
+                   max_batch_images: int = 16, unet_backend: str = "torch", unet_onnx: str = "") -> Engine:
         """Load the base from a diffusers directory and serve concepts from the store at `store_url`.
 
         `unet_backend` "onnxruntime" runs the UNet exported to `unet_onnx` by `customdiff export-onnx`.

@@ -87,7 +87,7 @@ class GenerationRequest:
         return params
 
     @classmethod
-    def from_parameters(cls, prompt: str, negative_prompt: str, params: dict[str, Any]) -> "GenerationRequest":
+    def from_parameters(cls, prompt: str, negative_prompt: str, params: dict[str, Any]) -> GenerationRequest:
         """The inverse of `to_parameters`; rejects unknown keys.
 
         Raises:

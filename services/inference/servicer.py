@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 import secrets
 
-from concepts.errors import DeadlineExceeded
 from customdiffusion.v1 import inference_service_pb2 as pb
 from customdiffusion.v1 import inference_service_pb2_grpc
+
+from concepts.errors import DeadlineExceeded
 from services.common.concept_servicer import check_ref
 from services.common.interceptors import current_tenant
 from services.common.registry import Registry

@@ -59,7 +59,7 @@ class ModelSettings:
             raise InvalidArgument("dtype", f"must be one of {list(DTYPES)}, got {self.dtype!r}")
 
     @classmethod
-    def from_config(cls, parameters: Mapping[str, Mapping[str, str]], environ: Mapping[str, str]) -> "ModelSettings":
+    def from_config(cls, parameters: Mapping[str, Mapping[str, str]], environ: Mapping[str, str]) -> ModelSettings:
         """From config.pbtxt's ``parameters`` (``{key: {"string_value": ...}}``), env overrides applied.
 
         Raises:

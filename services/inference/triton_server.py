@@ -21,6 +21,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 from concepts.errors import Unavailable
 from services.inference.triton_protocol import ENV_OVERRIDES, MODEL_NAME
@@ -112,7 +113,7 @@ class TritonServer:
         self._workdir.cleanup()
         return self.process.returncode
 
-    def __enter__(self) -> "TritonServer":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -148,8 +149,10 @@ def start_triton(model_repository: Path = DEFAULT_REPOSITORY, *, base_model: str
         f"--metrics-address={host}", f"--metrics-port={metrics_port}",
     ]
     with open(log_path, "ab") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=server_env(dict(os.environ), overrides),
-                                   preexec_fn=_die_with_parent)
+        # preexec_fn only calls prctl (no locks, no allocation), which is safe even with threads running.
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                   env=server_env(dict(os.environ), overrides),
+                                   preexec_fn=_die_with_parent)  # noqa: PLW1509
     server = TritonServer(process, host, grpc_port, http_port, metrics_port, log_path, workdir)
     try:
         wait_ready(server, ready_timeout_s)
