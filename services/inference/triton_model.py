@@ -1,7 +1,7 @@
 """A Triton Python model's `execute` around the engine: parse the batch's requests, run them, answer each.
 
-The ONNX repository's `stable_diffusion/1/model.py` uses it (its torch twin in `model_repository`
-has the same code inline). Importable anywhere; `triton_python_backend_utils` is imported when a
+Both repositories' `stable_diffusion/1/model.py` use it (torch in `model_repository`, the ONNX graphs
+by BLS in `model_repository_onnx`). Importable anywhere; `triton_python_backend_utils` is imported when a
 function runs, since only Triton's Python backend stub provides it.
 """
 

@@ -1,9 +1,10 @@
 """Triton Python-backend model "stable_diffusion": the multi-concept engine behind Triton.
 
-Thin on purpose: typed parameters are parsed once in `initialize`; `execute` turns each request into
-a `GenerationRequest` and hands the whole dynamic batch to `Engine.generate_batch`, which shares one
-UNet batch across concepts. Every request gets exactly one response, its own TritonError if it
-failed. Inputs, parameters and outputs: deploy/triton/README.md.
+Thin on purpose: typed parameters are parsed once in `initialize`; `execute` hands the whole dynamic
+batch to `services.inference.triton_model.respond`, which turns each request into a
+`GenerationRequest`, runs the valid ones together through `Engine.generate_batch` (one UNet batch
+across concepts) and gives every request exactly one response, its own TritonError if it failed.
+Inputs, parameters and outputs: deploy/triton/README.md.
 """
 
 from __future__ import annotations
@@ -12,33 +13,15 @@ import json
 import logging
 import os
 
-import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
 from concepts.errors import CustomDiffError
-from services.inference.engine import Engine, to_png
-from services.inference.request import GenerationRequest
-from services.inference.triton_protocol import ModelSettings, error_text
+from services.inference.engine import Engine
+from services.inference.triton_model import respond
+from services.inference.triton_protocol import ModelSettings
 
 log = logging.getLogger("customdiff.triton")
-
-
-
-def _error_response(error: CustomDiffError) -> pb_utils.InferenceResponse:
-    # pb_utils.TritonError exists only once the stub runs the model, not at import.
-    codes = {"INVALID_ARGUMENT": pb_utils.TritonError.INVALID_ARG, "NOT_FOUND": pb_utils.TritonError.NOT_FOUND,
-             "UNAVAILABLE": pb_utils.TritonError.UNAVAILABLE}
-    code = codes.get(error.reason, pb_utils.TritonError.INTERNAL)
-    return pb_utils.InferenceResponse(error=pb_utils.TritonError(error_text(error), code))
-
-
-def _text(request, name: str) -> str:
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    if tensor is None:
-        return ""
-    value = tensor.as_numpy().reshape(-1)[0]
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
 class TritonPythonModel:
@@ -62,24 +45,4 @@ class TritonPythonModel:
 
     def execute(self, requests: list) -> list:
         """One response per request, in order; the batch's valid requests run together."""
-        responses: list = [None] * len(requests)
-        parsed: list[tuple[int, GenerationRequest]] = []
-        for i, request in enumerate(requests):
-            try:
-                params = json.loads(request.parameters() or "{}")
-                parsed.append((i, GenerationRequest.from_parameters(
-                    _text(request, "PROMPT"), _text(request, "NEGATIVE_PROMPT"), params)))
-            except CustomDiffError as e:
-                responses[i] = _error_response(e)
-        try:
-            results = self.engine.generate_batch([r for _, r in parsed])
-        except Exception as e:  # a bug, not a bad request: every request of the batch gets it
-            log.exception("stable_diffusion: batch of %d failed", len(parsed))
-            results = [CustomDiffError(f"internal error: {type(e).__name__}: {e}")] * len(parsed)
-        for (i, _), result in zip(parsed, results):
-            if isinstance(result, CustomDiffError):
-                responses[i] = _error_response(result)
-            else:
-                pngs = np.array([[to_png(image) for image in result]], dtype=np.object_)
-                responses[i] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("IMAGES", pngs)])
-        return responses
+        return respond(self.engine, requests, "stable_diffusion")
