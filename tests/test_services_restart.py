@@ -99,3 +99,24 @@ def test_job_that_died_while_the_service_was_down_is_failed_with_a_reason(settin
     assert "ended without a result" in final.error_message, final.error_message
     client.close()
     stack.stop(0)
+
+
+def test_cancel_stops_the_training_process(settings):
+    stack = start_stack(settings, components=("trainer",))
+    client = _client(stack)
+    job = client.trainer_stub.CreateTrainingJob(_request(steps=2000), metadata=client.metadata).training_job
+    _wait_running(client, job.name)
+    row = Registry(settings.database_url).get_job(job.name.removeprefix("trainingJobs/"))
+    pid = int((Path(row.work_dir) / "pid").read_text())
+    cancelled = client.trainer_stub.CancelTrainingJob(tpb.CancelTrainingJobRequest(name=job.name),
+                                                      metadata=client.metadata).training_job
+    assert cancelled.state == resources_pb2.JOB_STATE_CANCELLED
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{pid}").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z":
+        assert time.monotonic() < deadline, "the training process outlived its cancellation"
+        time.sleep(0.1)
+    final = client.trainer_stub.GetTrainingJob(tpb.GetTrainingJobRequest(name=job.name),
+                                               metadata=client.metadata).training_job
+    assert final.state == resources_pb2.JOB_STATE_CANCELLED and not final.concept.digest
+    client.close()
+    stack.stop(0)
