@@ -97,3 +97,28 @@ def test_bad_fields_are_invalid_argument_with_bad_request(stack, request_, field
     bad = error_details_pb2.BadRequest()
     assert any(d.Unpack(bad) for d in status.details if d.Is(bad.DESCRIPTOR))
     assert [v.field for v in bad.field_violations] == [field]
+
+
+def test_tls_when_configured(tmp_path, tiny_base_dir):
+    import subprocess
+
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    settings = Settings(database_url=f"sqlite:///{tmp_path}/registry.db", store_url=str(tmp_path / "store"),
+                        work_dir=str(tmp_path / "jobs"), api_keys="key-a=tenant-a", merger_port=0,
+                        base_model=str(tiny_base_dir), tls_cert_file=str(cert), tls_key_file=str(key))
+    st = start_stack(settings, components=("merger",))
+    try:
+        credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+        secure = grpc.secure_channel(f"localhost:{st.ports['merger']}", credentials)
+        stub = concept_service_pb2_grpc.ConceptServiceStub(secure)
+        assert list(stub.ListConcepts(cpb.ListConceptsRequest(), metadata=(("authorization", "Bearer key-a"),),
+                                      timeout=10).concepts) == []
+        plain = concept_service_pb2_grpc.ConceptServiceStub(grpc.insecure_channel(f"localhost:{st.ports['merger']}"))
+        with pytest.raises(grpc.RpcError) as e:
+            plain.ListConcepts(cpb.ListConceptsRequest(), metadata=(("authorization", "Bearer key-a"),), timeout=5)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        st.stop(0)
