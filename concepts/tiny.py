@@ -20,15 +20,11 @@ def create_tiny_base(directory: str | Path, seed: int = 0) -> Path:
     so a 64x64 image is an 8x8x4 latent. The same seed always gives the same bytes.
     """
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     out = Path(directory)
-    with tempfile.TemporaryDirectory() as tmp:
-        vocab_size = write_clip_tokenizer_files(Path(tmp))
-        vocab = json.loads((Path(tmp) / "vocab.json").read_text())
-        merges_lines = (Path(tmp) / "merges.txt").read_text(encoding="utf-8").splitlines()[1:]
-    # transformers 5 builds a CLIPTokenizer from objects only with merges as a list of pairs.
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in merges_lines], model_max_length=77)
+    tokenizer = _tokenizer()
+    vocab_size = len(tokenizer)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=8,
@@ -76,3 +72,15 @@ def create_tiny_base(directory: str | Path, seed: int = 0) -> Path:
     pipe.save_pretrained(out, safe_serialization=True)
     write_clip_tokenizer_files(out / "tokenizer")  # CLIP's BPE files, as in a real SD-1.x directory
     return out
+
+
+def _tokenizer():
+    """A CLIPTokenizer over the BPE files `write_clip_tokenizer_files` writes."""
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_clip_tokenizer_files(Path(tmp))
+        vocab = json.loads((Path(tmp) / "vocab.json").read_text())
+        merges = (Path(tmp) / "merges.txt").read_text(encoding="utf-8").splitlines()[1:]
+    # transformers 5 builds a CLIPTokenizer from objects only with merges as a list of pairs.
+    return CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in merges], model_max_length=77)
