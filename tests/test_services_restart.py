@@ -50,10 +50,27 @@ def _client(stack) -> Client:
 
 def _wait_running(client: Client, name: str) -> None:
     for event in client.trainer_stub.WatchTrainingJob(tpb.WatchTrainingJobRequest(name=name), metadata=client.metadata,
-                                                      timeout=120):
+                                                      timeout=300):
         if event.training_job.progress.step >= 1:
             return
     raise AssertionError("the job never reported progress")
+
+
+def _start_long_job(settings):
+    """A trainer service with a 2000-step job that has reported progress; returns (stack, client, job, pid)."""
+    stack = start_stack(settings, components=("trainer",))
+    client = _client(stack)
+    job = client.trainer_stub.CreateTrainingJob(_request(steps=2000), metadata=client.metadata).training_job
+    _wait_running(client, job.name)
+    row = Registry(settings.database_url).get_job(job.name.removeprefix("trainingJobs/"))
+    return stack, client, job, int((Path(row.work_dir) / "pid").read_text())
+
+
+def _wait_gone(pid: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while Path(f"/proc/{pid}").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z":
+        assert time.monotonic() < deadline, f"process {pid} still runs after {timeout_s} s"
+        time.sleep(0.1)
 
 
 def test_restart_mid_job_reattaches_and_registers_the_concept(settings):
@@ -79,17 +96,11 @@ def test_restart_mid_job_reattaches_and_registers_the_concept(settings):
 
 
 def test_job_that_died_while_the_service_was_down_is_failed_with_a_reason(settings):
-    stack = start_stack(settings, components=("trainer",))
-    client = _client(stack)
-    job = client.trainer_stub.CreateTrainingJob(_request(steps=2000), metadata=client.metadata).training_job
-    _wait_running(client, job.name)
+    stack, client, job, pid = _start_long_job(settings)
     client.close()
     stack.stop(0)
-    row = Registry(settings.database_url).get_job(job.name.removeprefix("trainingJobs/"))
-    pid = int((Path(row.work_dir) / "pid").read_text())
     os.killpg(pid, signal.SIGKILL)
-    while Path(f"/proc/{pid}").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z":
-        time.sleep(0.1)
+    _wait_gone(pid, 30)
 
     stack = start_stack(settings, components=("trainer",))
     client = _client(stack)
@@ -102,19 +113,11 @@ def test_job_that_died_while_the_service_was_down_is_failed_with_a_reason(settin
 
 
 def test_cancel_stops_the_training_process(settings):
-    stack = start_stack(settings, components=("trainer",))
-    client = _client(stack)
-    job = client.trainer_stub.CreateTrainingJob(_request(steps=2000), metadata=client.metadata).training_job
-    _wait_running(client, job.name)
-    row = Registry(settings.database_url).get_job(job.name.removeprefix("trainingJobs/"))
-    pid = int((Path(row.work_dir) / "pid").read_text())
+    stack, client, job, pid = _start_long_job(settings)
     cancelled = client.trainer_stub.CancelTrainingJob(tpb.CancelTrainingJobRequest(name=job.name),
                                                       metadata=client.metadata).training_job
     assert cancelled.state == resources_pb2.JOB_STATE_CANCELLED
-    deadline = time.monotonic() + 30
-    while Path(f"/proc/{pid}").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z":
-        assert time.monotonic() < deadline, "the training process outlived its cancellation"
-        time.sleep(0.1)
+    _wait_gone(pid, 30)  # the training process does not outlive its cancellation
     final = client.trainer_stub.GetTrainingJob(tpb.GetTrainingJobRequest(name=job.name),
                                                metadata=client.metadata).training_job
     assert final.state == resources_pb2.JOB_STATE_CANCELLED and not final.concept.digest
