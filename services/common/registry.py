@@ -127,16 +127,16 @@ class Registry:
 
     # Jobs ----------------------------------------------------------------------------------------
 
-    def create_job(self, tenant: str, kind: str, request_id: str, concept_name: str,
-                   request: dict[str, Any]) -> tuple[JobRow, bool]:
+    def create_job(self, tenant: str, kind: str, request_id: str, concept_name: str, request: dict[str, Any],
+                   job_id: str | None = None, work_dir: str = "") -> tuple[JobRow, bool]:
         """Record a queued job; with a known `request_id` return the first job instead (created=False)."""
         if request_id:
             existing = self.job_by_request_id(tenant, kind, request_id)
             if existing is not None:
                 return existing, False
-        row = JobRow(id=uuid.uuid4().hex, tenant=tenant, kind=kind, state="queued", request_id=request_id,
-                     concept_name=concept_name, request=request, progress={}, report={}, error_message="",
-                     work_dir="")
+        row = JobRow(id=job_id or uuid.uuid4().hex, tenant=tenant, kind=kind, state="queued",
+                     request_id=request_id, concept_name=concept_name, request=request, progress={}, report={},
+                     error_message="", work_dir=work_dir)
         with self._session() as s:
             try:
                 s.add(row)

@@ -10,8 +10,8 @@ import io
 import json
 import logging
 import shutil
-import tempfile
 import threading
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,44 +84,44 @@ class TrainingJobs:
             existing = self.registry.job_by_request_id(tenant, KIND, request.request_id)
             if existing is not None:
                 return existing, False
-        # 1. Stage images as files and validate the whole spec before anything durable is written.
-        staging = Path(tempfile.mkdtemp(prefix="staging-", dir=self.work_root))
+        # 1. Write the images where the job will read them and validate the whole spec, before anything
+        #    durable is recorded; on any failure the directory goes away again.
+        job_id = uuid.uuid4().hex
+        work = self.work_root / job_id
         try:
-            spec_dict = self._materialize(request, staging)
+            spec_dict = self._materialize(request, work)
+            spec_dict["provenance"] = {"kind": "training", "job": f"trainingJobs/{job_id}"}
             spec = JobSpec.from_dict(spec_dict)
             check_inputs(spec)
+            # 2. Record the job (idempotent on request_id); a concurrent twin may have won.
+            row, created = self.registry.create_job(tenant, KIND, request.request_id, request.concept_name,
+                                                    request.request_json, job_id=job_id, work_dir=str(work))
         except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(work, ignore_errors=True)
             raise
-        # 2. Record the job (idempotent on request_id), keep the inputs, launch.
-        row, created = self.registry.create_job(tenant, KIND, request.request_id, request.concept_name,
-                                                request.request_json)
         if not created:
-            shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(work, ignore_errors=True)
             return row, False
+        # 3. Keep the inputs, write the spec, launch.
         for blobs in request.images + request.class_images:
             for blob in blobs:
                 self.store.put(blob.data)
-        work = self.work_root / row.id
-        staging.rename(work)
-        spec_dict = _rebase_paths(spec_dict, staging, work)
-        spec_dict.update(work_dir=str(work), provenance={"kind": "training", "job": f"trainingJobs/{row.id}"})
         spec_path = work / "spec.json"
-        spec_path.write_text(json.dumps(JobSpec.from_dict(spec_dict).to_dict(), indent=2))
         launch = LaunchRequest(row.id, request.concept_name, str(spec_path), str(work), request.gpus_per_node,
                                request.nodes)
+        # launch.json before spec.json: `recover` relaunches a job whose spec.json exists
         (work / "launch.json").write_text(json.dumps({"gpus_per_node": launch.gpus_per_node, "nodes": launch.nodes}))
-        row = self.registry.update_job(row.id, work_dir=str(work))
+        spec_path.write_text(json.dumps(spec.to_dict(), indent=2))
         self.launcher.launch(launch)
         return row, True
 
-    def _materialize(self, request: TrainingRequest, staging: Path) -> dict[str, Any]:
+    def _materialize(self, request: TrainingRequest, work: Path) -> dict[str, Any]:
         spec = json.loads(json.dumps(request.spec))
-        spec.update(base_model=self.base_model, store_url=self.store.url, work_dir=str(staging))
+        spec.update(base_model=self.base_model, store_url=self.store.url, work_dir=str(work))
         for i, concept in enumerate(spec["concepts"]):
-            concept["images"] = [_write_image(b, staging / f"concept{i}" / f"{j:03d}") for j, b in
+            concept["images"] = [_write_image(b, work / f"concept{i}" / f"{j:03d}") for j, b in
                                  enumerate(request.images[i])]
-            concept["class_images"] = [{"path": _write_image(b, staging / f"class{i}" / f"{j:03d}"),
+            concept["class_images"] = [{"path": _write_image(b, work / f"class{i}" / f"{j:03d}"),
                                         "caption": b.caption} for j, b in enumerate(request.class_images[i])]
         return spec
 
@@ -226,6 +226,3 @@ def _write_image(blob: ImageBlob, stem: Path) -> str:
     path.write_bytes(blob.data)
     return str(path)
 
-
-def _rebase_paths(spec: dict[str, Any], old: Path, new: Path) -> dict[str, Any]:
-    return json.loads(json.dumps(spec).replace(json.dumps(str(old))[1:-1], json.dumps(str(new))[1:-1]))
