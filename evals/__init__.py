@@ -1,0 +1,1 @@
+"""Evaluations of the method on worlds with ground truth (see docs/toyworld.md)."""
