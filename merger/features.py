@@ -6,11 +6,18 @@ up to and including the end token. For a concept's target captions ``<newi> <cla
 ``photo of a <newi> <class>`` the rows start at the modifier token (the reference's ``[:, 1:]`` and
 ``[:, 4:]``), so each caption gives the rows of ``<newi>``, the class word's tokens and the end token.
 Padding after the end token is never used: the encoder's causal mask makes every row independent of it.
+
+Optionally (`context_captions`) a concept also gets regularization captions that name its class word,
+with its token put before the word: the concept's rows in the contexts users prompt it in, not only
+after ``photo of a``. That matters where the text features are narrow (64 wide on the toy world's base,
+docs/toyworld.md): there the reference's two captions pin the concept's rows and leave every other
+context to the regularization term, which pulls it back to the base.
 """
 
 from __future__ import annotations
 
 import copy
+import re
 from importlib import resources
 
 import torch
@@ -33,6 +40,22 @@ def target_captions(token: str, class_word: str) -> tuple[str, str]:
     """The two captions whose features a concept's merge constraints use."""
     phrase = f"{token} {class_word}".strip()
     return phrase, f"{TARGET_PREFIX} {phrase}"
+
+
+def context_captions(captions: list[str], token: str, class_word: str, limit: int) -> list[str]:
+    """The first `limit` of `captions` that name `class_word` (as a whole word), with `token` put before
+    its first mention: ``a ring on a navy background`` -> ``a <new1> ring on a navy background``."""
+    if limit <= 0 or not class_word:
+        return []
+    pattern = re.compile(rf"(?<![\w<]){re.escape(class_word)}(?!\w)")
+    out = []
+    for caption in captions:
+        match = pattern.search(caption)
+        if match:
+            out.append(f"{caption[:match.start()]}{token} {caption[match.start():]}")
+            if len(out) == limit:
+                break
+    return out
 
 
 @torch.no_grad()
@@ -69,8 +92,12 @@ def regularization_features(tokenizer, text_encoder: nn.Module, captions: list[s
     return encode_rows(tokenizer, text_encoder, captions, [None] * len(captions))
 
 
-def concept_features(tokenizer, text_encoder: nn.Module, concepts: list[Concept]) -> list[torch.Tensor]:
+def concept_features(tokenizer, text_encoder: nn.Module, concepts: list[Concept], contexts: list[str] = (),
+                     per_token: int = 0) -> list[torch.Tensor]:
     """C_i of each concept: its target captions' rows from the encoder with its token embeddings installed.
+
+    With `per_token` > 0, each token's captions also include `context_captions(contexts, token, class
+    word, per_token)`.
 
     The tokenizer and encoder are copied, never changed. Token strings must be distinct across
     `concepts` (rename clashes first); every concept's tokens are installed into one copy, which gives
@@ -88,7 +115,8 @@ def concept_features(tokenizer, text_encoder: nn.Module, concepts: list[Concept]
         class_words = concept.class_words or ("",) * len(concept.tokens)
         captions, first_ids = [], []
         for token, class_word in zip(concept.tokens, class_words):
-            captions.extend(target_captions(token, class_word))
-            first_ids.extend([tokenizer.convert_tokens_to_ids(token)] * 2)
+            mine = [*target_captions(token, class_word), *context_captions(list(contexts), token, class_word, per_token)]
+            captions.extend(mine)
+            first_ids.extend([tokenizer.convert_tokens_to_ids(token)] * len(mine))
         features.append(encode_rows(tokenizer, text_encoder, captions, first_ids))
     return features

@@ -35,7 +35,7 @@ _GRAM_LOCK = threading.Lock()
 
 
 def merge_concepts(base: BaseModel, concepts: list[Concept], captions: list[str] | None = None,
-                   ridge: float | None = None) -> tuple[Concept, MergeReport]:
+                   ridge: float | None = None, context_captions: int = 0) -> tuple[Concept, MergeReport]:
     """Merge two or more concepts of `base` into one dense concept holding every token.
 
     Args:
@@ -43,13 +43,16 @@ def merge_concepts(base: BaseModel, concepts: list[Concept], captions: list[str]
         concepts: dense or low-rank concepts; each may hold several tokens (e.g. an earlier merge).
         captions: regularization captions; None uses the shipped set (`merger.features.default_captions`).
         ridge: relative ridge term of the solve (docs/merge.md); None uses `DEFAULT_RIDGE`.
+        context_captions: per token, how many regularization captions naming its class word also
+            constrain it, with the token inserted (`merger.features.context_captions`); 0 keeps the
+            reference's two target captions only.
 
     Returns:
         The merged concept (float32 dense deltas; provenance kind "merge") and its report.
 
     Raises:
-        InvalidArgument: fewer than 2 concepts, an empty caption set, a negative ridge, or a delta on a
-            layer the base has no cross-attention K/V projection for.
+        InvalidArgument: fewer than 2 concepts, an empty caption set, a negative ridge or
+            context_captions, or a delta on a layer the base has no cross-attention K/V projection for.
         BaseMismatch: a concept was made for another base, or two concepts for different bases.
     """
     # 1. Validate everything before any work.
@@ -58,6 +61,8 @@ def merge_concepts(base: BaseModel, concepts: list[Concept], captions: list[str]
     ridge = DEFAULT_RIDGE if ridge is None else float(ridge)
     if not ridge >= 0:
         raise InvalidArgument("ridge", f"must be >= 0, got {ridge!r}")
+    if context_captions < 0:
+        raise InvalidArgument("context_captions", f"must be >= 0, got {context_captions}")
     captions = default_captions() if captions is None else [c.strip() for c in captions if c.strip()]
     if not captions:
         raise InvalidArgument("regularization_captions", "needs at least one non-empty caption")
@@ -70,7 +75,7 @@ def merge_concepts(base: BaseModel, concepts: list[Concept], captions: list[str]
                                   f"not cross-attention K/V layers of the base: {unknown[:3]}")
     # 2. Resolve token clashes, then the features: C_i per concept and R = C_reg^T C_reg.
     renamed, renames = rename_clashing_tokens(concepts, set(base.tokenizer.get_vocab()))
-    targets = concept_features(base.tokenizer, base.text_encoder, renamed)
+    targets = concept_features(base.tokenizer, base.text_encoder, renamed, captions, context_captions)
     reg_gram = _regularization_gram(base, captions)
     # 3. The closed-form solve on every layer any concept touches.
     names = sorted(set().union(*(c.deltas for c in concepts)))
@@ -89,7 +94,8 @@ def merge_concepts(base: BaseModel, concepts: list[Concept], captions: list[str]
         base_fingerprint=base.fingerprint,
         class_words=tuple(w for c in renamed for w in (c.class_words or ("",) * len(c.tokens))),
         provenance={"kind": "merge", "parents": [digest_of(concept_to_bytes(c)) for c in concepts],
-                    "ridge": ridge, "captions": len(captions), "renamed_tokens": renames},
+                    "ridge": ridge, "captions": len(captions), "context_captions": context_captions,
+                    "renamed_tokens": renames},
     )
     return result, MergeReport(layers=tuple(reports), summary=summary, renamed_tokens=tuple(renames))
 

@@ -13,7 +13,13 @@ from concepts.artifact import LinearDelta, concept_to_bytes, digest_of
 from concepts.base import kv_layers, load_base
 from concepts.errors import BaseMismatch, InvalidArgument
 from merger.data.make_captions import make_captions
-from merger.features import concept_features, default_captions, encode_rows, regularization_features
+from merger.features import (
+    concept_features,
+    context_captions,
+    default_captions,
+    encode_rows,
+    regularization_features,
+)
 from merger.run import compress_concept, merge_concepts
 from tests.conftest import random_concept
 
@@ -59,6 +65,27 @@ def test_features_are_the_rows_from_the_modifier_token_to_the_end_token(base, co
                                rtol=1e-5, atol=1e-5)
 
 
+def test_context_captions_put_the_token_before_the_first_whole_word_mention():
+    captions = ["a hotdog stand", "a dog on a dog bed", "photo of a cat", "dog, running", "a <dog> toy", "two dogs"]
+    assert context_captions(captions, "<new1>", "dog", 5) == ["a <new1> dog on a dog bed", "<new1> dog, running"]
+    assert context_captions(captions, "<new1>", "dog", 1) == ["a <new1> dog on a dog bed"]
+    assert context_captions(captions, "<new1>", "dog", 0) == [] and context_captions(captions, "<new1>", "", 5) == []
+
+
+def test_context_captions_add_their_rows_and_the_merge_meets_them(base, concepts):
+    captions = ["a dog on the grass", "a cat on the grass", "the dog in the grass", "a car"]
+    plain, = concept_features(base.tokenizer, base.text_encoder, concepts[:1], captions, 0)
+    more, = concept_features(base.tokenizer, base.text_encoder, concepts[:1], captions, 8)
+    # + the rows of "<new1> dog on the grass <end>" and "<new1> dog in the grass <end>", 6 each
+    assert more.shape[0] == plain.shape[0] + 12
+    torch.testing.assert_close(more[: plain.shape[0]], plain)
+    concept, report = merge_concepts(base, concepts[:2], captions=captions, context_captions=8)
+    assert report.summary["constraints"] == 12 + 12 + 6  # <new2> cat: "<new2> cat on the grass <end>"
+    # 30 rows in a 32-wide feature space: the ridge bends the nearly dependent ones a little.
+    assert report.summary["residual"] <= 0.02 < 0.3 <= report.summary["naive_residual"]
+    assert concept.provenance["context_captions"] == 8
+
+
 def test_two_concepts_meet_their_constraints_and_drift_less_than_naive_averaging(merged_two):
     _, report = merged_two
     assert report.summary["residual"] <= 1e-4 and report.summary["residual_max"] <= 1e-4
@@ -83,7 +110,8 @@ def test_merged_concept_holds_every_token_and_its_provenance(base, concepts, mer
     assert all(d.rank is None for d in concept.deltas.values())
     assert concept.provenance == {
         "kind": "merge", "parents": [digest_of(concept_to_bytes(c)) for c in concepts[:2]],
-        "ridge": report.summary["ridge"], "captions": len(default_captions()), "renamed_tokens": [],
+        "ridge": report.summary["ridge"], "captions": len(default_captions()), "context_captions": 0,
+        "renamed_tokens": [],
     }
     assert report.to_dict()["renamed_tokens"] == []
 
@@ -153,6 +181,7 @@ def test_concepts_of_another_base_fail_naming_both_fingerprints(base, concepts, 
 @pytest.mark.parametrize(("kwargs", "field"), [
     ({"ridge": -1.0}, "ridge"),
     ({"captions": ["  ", ""]}, "regularization_captions"),
+    ({"context_captions": -1}, "context_captions"),
 ])
 def test_invalid_merge_arguments_name_the_field(base, concepts, kwargs, field):
     with pytest.raises(InvalidArgument) as err:

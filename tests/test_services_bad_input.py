@@ -84,6 +84,9 @@ OTHER_CASES = [
      "concepts"),
     ("merger", "MergeConcepts", mpb.MergeConceptsRequest(
         concepts=[resources_pb2.ConceptRef(name="cat"), resources_pb2.ConceptRef(name="cat")], ridge=-1), "ridge"),
+    ("merger", "MergeConcepts", mpb.MergeConceptsRequest(
+        concepts=[resources_pb2.ConceptRef(name="cat"), resources_pb2.ConceptRef(name="cat")], context_captions=-3),
+     "context_captions"),
     ("merger", "CompressConcept", mpb.CompressConceptRequest(concept=resources_pb2.ConceptRef(name="cat")),
      "target"),
     ("merger", "CompressConcept", mpb.CompressConceptRequest(

@@ -20,6 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="ridge term of the solve (default: see docs/merge.md)")
     merge.add_argument("--captions", default=None, help="regularization captions file, one per line "
                        "(default: the shipped set)")
+    merge.add_argument("--context-captions", type=int, default=0, metavar="N",
+                       help="per token, also constrain it in N regularization captions that name its class word "
+                       "(default 0: the reference's two captions; see docs/merge.md)")
     merge.set_defaults(run=_merge)
 
     compress = sub.add_parser("compress", help="compress a concept's deltas by truncated SVD")
@@ -51,7 +54,8 @@ def _merge(args: argparse.Namespace) -> int:
     store = ArtifactStore(args.store)
     concepts = [load_concept(ref, store) for ref in args.concepts]
     captions = Path(args.captions).read_text(encoding="utf-8").splitlines() if args.captions else None
-    concept, report = merge_concepts(load_base(args.base), concepts, captions=captions, ridge=args.ridge)
+    concept, report = merge_concepts(load_base(args.base), concepts, captions=captions, ridge=args.ridge,
+                                     context_captions=args.context_captions)
     _print_result(args, concept, report, columns=("residual", "drift", "naive_residual", "naive_drift"))
     return 0
 

@@ -29,6 +29,7 @@ class MergeRequest:
     input_ids: list[int]
     ridge: float | None = None
     captions: list[str] | None = None
+    context_captions: int = 0
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,8 @@ class MergerJobs:
             concepts = [self.store.get_concept(r.digest) for r in inputs]
             if row.kind == "merge":
                 result, report = merge_concepts(self.base(), concepts, captions=domain.get("captions"),
-                                                ridge=domain.get("ridge"))
+                                                ridge=domain.get("ridge"),
+                                                context_captions=domain.get("context_captions", 0))
             else:
                 dtype = {"fp16": torch.float16, "fp32": torch.float32}[domain["dtype"]]
                 result, report = compress_concept(concepts[0], dtype=dtype, **domain["target"])

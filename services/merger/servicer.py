@@ -37,6 +37,8 @@ class MergerServicer(merger_service_pb2_grpc.MergerServiceServicer):
         name = check_name(request.concept_name or "+".join(r.name for r in refs), "concept_name")
         if request.ridge < 0 or not math.isfinite(request.ridge):
             raise InvalidArgument("ridge", f"must be a finite number >= 0 (0 uses the default), got {request.ridge}")
+        if not 0 <= request.context_captions <= MAX_CAPTIONS:
+            raise InvalidArgument("context_captions", f"must be in 0..{MAX_CAPTIONS}, got {request.context_captions}")
         if len(request.regularization_captions) > MAX_CAPTIONS:
             raise InvalidArgument("regularization_captions", f"at most {MAX_CAPTIONS} captions")
         for i, caption in enumerate(request.regularization_captions):
@@ -45,7 +47,7 @@ class MergerServicer(merger_service_pb2_grpc.MergerServiceServicer):
         _check_request_id(request.request_id)
         rows = [self.registry.get_concept(tenant, r.name, r.version) for r in refs]
         domain = MergeRequest(name, request.request_id, [r.id for r in rows], request.ridge or None,
-                              list(request.regularization_captions) or None)
+                              list(request.regularization_captions) or None, request.context_captions)
         row, _ = self.jobs.submit(tenant, "merge", domain, _summary(request))
         return pb.MergeConceptsResponse(merger_job=self._job(row))
 
