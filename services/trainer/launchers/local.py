@@ -1,7 +1,10 @@
 """Runs `python -m trainer --spec` (or torchrun for several GPUs) as local subprocesses, a few at a time.
 
 Processes start in their own session so they outlive a restart of the service; `reattach` finds them
-again through the pid file in the job's work directory. Logs stay in `<work_dir>/train.log`.
+again through the pid file in the job's work directory. Logs stay in `<work_dir>/train.log`. Unless
+OMP_NUM_THREADS is set, each job gets an equal share of the CPU cores as its thread count: jobs that
+each take every core oversubscribe the machine, and OpenMP's spinning then slows all of them many times
+over (two 500-step jobs on 2 cores: 3.3 s per step each, against 0.07 s alone).
 """
 
 from __future__ import annotations
@@ -96,9 +99,11 @@ class LocalProcessLauncher:
                    f"--nproc_per_node={request.gpus_per_node}", "-m", "trainer", "--spec", request.spec_path]
         else:
             cmd = [self._python, "-m", "trainer", "--spec", request.spec_path]
+        env = dict(os.environ)
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self._slots)))
         with open(work / "train.log", "ab") as logfile:
             proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    cwd=work, start_new_session=True)
+                                    cwd=work, env=env, start_new_session=True)
         (work / "pid").write_text(str(proc.pid))
         log.info("started job %s as pid %d: %s", request.job_id, proc.pid, " ".join(cmd))
         return proc
