@@ -58,11 +58,12 @@ class Client:
                                                     metadata=self.metadata)
         return _follow(stream, lambda e: e.training_job, on_event)
 
-    def merge(self, names: Iterable[str], concept_name: str = "",
-              context_captions: int = 0) -> merger_service_pb2.MergerJob:
+    def merge(self, names: Iterable[str], concept_name: str = "", context_captions: int = 0,
+              regularization_captions: Iterable[str] = ()) -> merger_service_pb2.MergerJob:
         job = self.merger_stub.MergeConcepts(merger_service_pb2.MergeConceptsRequest(
             concepts=[resources_pb2.ConceptRef(name=n) for n in names], concept_name=concept_name,
-            context_captions=context_captions), metadata=self.metadata).merger_job
+            context_captions=context_captions, regularization_captions=list(regularization_captions)),
+            metadata=self.metadata).merger_job
         return self._follow_merger(job)
 
     def compress(self, name: str, fraction: float | None = None, rank: int | None = None,

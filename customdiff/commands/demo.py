@@ -1,8 +1,10 @@
 """`customdiff demo`: the whole mission on one machine, through the gRPC API only.
 
-Starts `customdiff serve` (registry, store, Triton, the three services) on loopback, trains two
-concepts on images it draws itself, merges them, compresses the result, generates with each, and
-writes PNGs, a contact sheet and a summary into the output directory.
+Starts `customdiff serve` (registry, store, Triton, the three services) on loopback on the toy world's
+pretrained base (`evals/toyworld/base`, docs/toyworld.md), trains two concepts it never saw from
+rendered photos, merges them, compresses the merge, generates each concept on backgrounds no photo
+showed (and the base with the class word alone, for comparison), and writes PNGs, a contact sheet and
+a summary into the output directory.
 """
 
 from __future__ import annotations
@@ -10,44 +12,42 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import shutil
 import time
 from pathlib import Path
 
+from evals.toyworld.world import CONCEPTS as TOY_CONCEPTS
+from evals.toyworld.world import ToyConcept
+
 API_KEY = "demo-key"
-# Two concepts the tiny base has never seen: one instance of "square" and one of "ring".
-CONCEPTS = {
-    "striped-square": {"class_prompt": "square", "colors": [(230, 120, 20), (20, 60, 200)], "shape": "square"},
-    "two-tone-ring": {"class_prompt": "ring", "colors": [(240, 200, 30), (30, 190, 190)], "shape": "ring"},
-}
+# The toy world's two concepts: a known class with a look pretraining never showed on it.
+CONCEPTS: dict[str, ToyConcept] = {"two-tone-ring": TOY_CONCEPTS[0], "striped-square": TOY_CONCEPTS[1]}
+CONTEXT_CAPTIONS = 8  # the toy world's merge setting (docs/toyworld.md)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    demo = sub.add_parser("demo", help="run the end-to-end scenario on the tiny base through the gRPC API")
+    demo = sub.add_parser("demo", help="run the end-to-end scenario on the toy world's base through the gRPC API")
     demo.add_argument("--out", default="demo-output", help="output directory (default: demo-output)")
-    demo.add_argument("--steps", type=int, default=60, help="training steps per concept (default 60)")
+    demo.add_argument("--steps", type=int, default=None,
+                      help="training steps per concept (default: the toy world's, docs/toyworld.md)")
     demo.set_defaults(run=_run)
 
 
-def draw(shape: str, colors: list[tuple[int, int, int]], seed: int, size: int = 64) -> bytes:
-    """One PNG of the concept: the same object at a slightly different place and size each time."""
-    from PIL import Image, ImageDraw
+def png(image) -> bytes:
+    """A uint8 [H, W, 3] image as PNG bytes."""
+    from PIL import Image
 
-    img = Image.new("RGB", (size, size), (235, 235, 225))
-    d = ImageDraw.Draw(img)
-    r = 18 + seed % 5
-    cx, cy = 32 + (seed * 7) % 9 - 4, 32 + (seed * 5) % 9 - 4
-    box = (cx - r, cy - r, cx + r, cy + r)
-    if shape == "square":
-        for i, x in enumerate(range(box[0], box[2], 6)):  # vertical stripes in two colours
-            d.rectangle((x, box[1], min(x + 5, box[2]), box[3]), fill=colors[i % 2])
-    else:
-        d.pieslice(box, 180, 360, fill=colors[0])  # top half one colour, bottom half the other
-        d.pieslice(box, 0, 180, fill=colors[1])
-        inner = r // 2
-        d.ellipse((cx - inner, cy - inner, cx + inner, cy + inner), fill=(235, 235, 225))
     buf = io.BytesIO()
-    img.save(buf, "PNG")
+    Image.fromarray(image).save(buf, "PNG")
     return buf.getvalue()
+
+
+def photos(concept: ToyConcept) -> list[bytes]:
+    """The user's photos of the concept: 6 PNGs (both sizes on black, white and gray)."""
+    from evals.toyworld.render import render
+    from evals.toyworld.variants import photo_scenes
+
+    return [png(render(scene)) for scene in photo_scenes(concept)]
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -60,7 +60,10 @@ def _run(args: argparse.Namespace) -> int:
     summary: dict[str, object] = {"times_s": {}, "concepts": {}}
     t0 = time.perf_counter()
     # 1. The whole stack, on loopback.
-    proc, ports = start_serve(out, api_keys=f"{API_KEY}=demo", max_concurrent_jobs=2)
+    from evals.toyworld.sampling import BASE_DIR
+
+    shutil.rmtree(out / "data", ignore_errors=True)  # a fresh registry and store: request ids repeat per run
+    proc, ports = start_serve(out, api_keys=f"{API_KEY}=demo", max_concurrent_jobs=2, base_model=str(BASE_DIR))
     summary["times_s"]["start_stack"] = round(time.perf_counter() - t0, 1)
     client = Client(*(f"127.0.0.1:{ports[c]}" for c in ("trainer", "merger", "inference")), api_key=API_KEY)
     try:
@@ -75,19 +78,28 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _scenario(client, tpb, out: Path, steps: int, summary: dict) -> None:
+def _scenario(client, tpb, out: Path, steps: int | None, summary: dict) -> None:
     from concurrent.futures import ThreadPoolExecutor
+
+    from evals.toyworld.render import render
+    from evals.toyworld.variants import HYPERPARAMETERS as hp
+    from evals.toyworld.variants import class_scenes, world_captions
+
+    steps = steps or hp.steps
 
     # 2. Train both concepts at once, with live progress.
     def train(name: str):
-        spec = CONCEPTS[name]
-        images = [tpb.ImageInput(data=draw(spec["shape"], spec["colors"], seed)) for seed in range(4)]
-        concept = tpb.ConceptSpec(name=name, class_prompt=spec["class_prompt"], images=images, num_class_images=8)
-        hyper = tpb.Hyperparameters(resolution=64, max_train_steps=steps, learning_rate=1e-4, train_batch_size=2)
+        toy = CONCEPTS[name]
+        concept = tpb.ConceptSpec(
+            name=name, class_prompt=toy.cls, modifier_token=toy.token, instance_prompt="a {token} {class_prompt}",
+            images=[tpb.ImageInput(data=data) for data in photos(toy)],
+            class_images=[tpb.ImageInput(data=png(render(s))) for s in class_scenes(toy, hp.class_images, hp.seed)])
+        hyper = tpb.Hyperparameters(resolution=64, max_train_steps=steps, learning_rate=hp.learning_rate,
+                                    train_batch_size=hp.batch_size, seed=hp.seed, disable_augmentation=True)
 
         def show(event):
             p = event.training_job.progress
-            if event.log_line and '"progress"' in event.log_line and p.step % 10 == 0:
+            if event.log_line and '"progress"' in event.log_line and p.step % 50 == 0:
                 print(f"  [{name}] step {p.step}/{p.total_steps} loss {p.loss:.4f} {p.images_per_second:.1f} img/s "
                       f"eta {p.eta_seconds:.0f}s", flush=True)
         t = time.perf_counter()
@@ -100,31 +112,32 @@ def _scenario(client, tpb, out: Path, steps: int, summary: dict) -> None:
         jobs = list(pool.map(train, CONCEPTS))
     # 3. Merge, then compress the merge (the paper's top 60%).
     t = time.perf_counter()
-    merged = client.merge(list(CONCEPTS), concept_name="square-and-ring")
+    merged = client.merge(list(CONCEPTS), concept_name="ring-and-square", context_captions=CONTEXT_CAPTIONS,
+                          regularization_captions=world_captions())
     summary["times_s"]["merge"] = round(time.perf_counter() - t, 1)
     t = time.perf_counter()
-    compressed = client.compress("square-and-ring", fraction=0.6, concept_name="square-and-ring-top60")
+    compressed = client.compress("ring-and-square", fraction=0.6, concept_name="ring-and-square-top60")
     summary["times_s"]["compress"] = round(time.perf_counter() - t, 1)
     for job in jobs + [merged, compressed]:
         c = job.concept
         summary["concepts"][c.name] = {"version": c.version, "digest": c.digest, "tokens": list(c.tokens),
                                        "bytes": c.size_bytes}
     summary["merge_report"] = {k: round(v, 6) for k, v in merged.report.summary.items()}
-    # 4. Generate with each concept, the merge and its compression; plus the base for comparison.
-    prompts = [("base", [], "photo of a square"),
-               ("striped-square", ["striped-square"], "photo of a <new1> square"),
-               ("two-tone-ring", ["two-tone-ring"], "photo of a <new1> ring"),
-               ("merged", ["square-and-ring"], "photo of a <new1> square and a <new2> ring"),
-               ("compressed", ["square-and-ring-top60"], "photo of a <new1> square and a <new2> ring")]
+    # 4. Each concept (<new1> the ring, <new2> the square) on a background its photos never showed: alone,
+    #    in the merge and in its compression; and the base with the class word alone.
+    prompts = [("base", [], toy.prompt("large", "navy", word="")) for toy in CONCEPTS.values()]
+    prompts += [(name, [name], toy.prompt("large", "navy")) for name, toy in CONCEPTS.items()]
+    for label, name in (("merged", "ring-and-square"), ("merged-top60", "ring-and-square-top60")):
+        prompts += [(label, [name], toy.prompt("large", "navy")) for toy in CONCEPTS.values()]
     images = []
     t = time.perf_counter()
     for label, names, prompt in prompts:
         response = client.generate(prompt, concepts=names, num_images=2, num_inference_steps=25, seed=0,
                                    height=64, width=64, guidance_scale=5.0)
-        for i, image in enumerate(response.images):
-            (out / f"{label}-{i}.png").write_bytes(image.png)
+        for image in response.images:
+            (out / f"{label}-{sum(x[0] == label for x in images)}.png").write_bytes(image.png)
             images.append((label, image.png))
-    summary["times_s"]["generate_10_images"] = round(time.perf_counter() - t, 1)
+    summary["times_s"]["generate_16_images"] = round(time.perf_counter() - t, 1)
     _contact_sheet(images, out / "contact-sheet.png")
     summary["outputs"] = str(out)
 
