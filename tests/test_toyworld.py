@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from evals.toyworld.metrics import image_outcome, parse_image, parse_images, text_hit
+from evals.toyworld.metrics import attribute_accuracy, image_outcome, parse_image, parse_images, text_hit
 from evals.toyworld.render import render, render_batch
 from evals.toyworld.world import (
     CONCEPTS,
@@ -109,15 +110,45 @@ def test_eval_wiring_on_the_tiny_base(tiny_base, tmp_path):
     joint = toy.variants.average_concepts([store.get_concept(d) for d in singles.values()])
     digests, sizes = toy.derive_variants(tiny_base, store, singles, store.put_concept(joint))
     jobs = toy.make_jobs(digests)
-    assert len(jobs) == 8 * 2 * 6 and {j.prompt for j in jobs if j.variant == "base"} >= {
+    assert len(jobs) == len(toy.ROWS) * 2 * 6 and {j.prompt for j in jobs if j.variant == "base"} >= {
         "a large ring on a navy background", "a small square on a brown background"}
     images = toy.sample(Engine(tiny_base, store, max_batch_images=64), jobs, toy.EvalConfig(seeds=1, steps=2))
-    assert images.shape == (96, 1, 64, 64, 3) and images.dtype == np.uint8
+    assert images.shape == (108, 1, 64, 64, 3) and images.dtype == np.uint8
     summary = toy.summarize(toy.score(jobs, images), sizes)
-    assert list(summary) == list(toy.VARIANTS)
+    assert list(summary) == list(toy.ROWS)
     assert all(0.0 <= v["text"] <= 1.0 and 0.0 <= v["image"] <= 1.0 for v in summary.values())
     bytes_ = {k: v["bytes"] for k, v in summary.items()}
     assert bytes_["base"] == 0 and bytes_["rank1"] < bytes_["top10"] < bytes_["top60"] < bytes_["single"]
     assert min(bytes_["merge"], bytes_["average"]) > bytes_["single"]  # two tokens, same layers
     sheet = Image.open(toy.write_sheet(jobs, images, tmp_path / "sheet.png"))
     assert sheet.size == (toy.LABEL_WIDTH + 12 * 66 + 2, 9 * 66 + 2)
+
+
+def test_the_committed_base_draws_what_it_is_told():
+    """The pretrained base (evals/toyworld/base) follows fully described prompts of the world."""
+    from evals.toyworld.sampling import generate, load_pipeline
+
+    scenes = [Scene(c, s, Look("solid", (colour,)), bg) for c, s, colour, bg in
+              (("circle", "large", "red", "navy"), ("square", "small", "yellow", "brown"),
+               ("triangle", "large", "blue", "white"), ("frame", "large", "green", "gray"),
+               ("ring", "large", "pink", "olive"), ("square", "large", "cyan", "black"))]
+    scenes += [Scene("circle", "large", Look("two tone", ("purple", "yellow")), "gray"),
+               Scene("frame", "large", Look("striped", ("orange", "green")), "navy")]
+    images = generate(load_pipeline(), [s.caption() for s in scenes] * 2, list(range(2 * len(scenes))))
+    accuracy = attribute_accuracy(parse_images(images), scenes * 2)
+    assert accuracy["background"] >= 0.6 and accuracy["class"] >= 0.6 and accuracy["scene"] >= 0.4, accuracy
+
+
+@pytest.mark.slow
+def test_customdiff_eval_toyworld_end_to_end(tmp_path, capsys):
+    """The whole evaluation on the committed base (minutes on a CPU): the paper's claims hold."""
+    from customdiff.__main__ import main
+
+    assert main(["eval", "toyworld", "--out", str(tmp_path)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert list(summary) == ["base", "single", "joint", "merge", "average", "top60", "top10", "rank1"]
+    image = {k: v["image"] for k, v in summary.items()}
+    assert image["single"] >= image["base"] + 0.3 and image["joint"] >= image["base"] + 0.3
+    assert image["merge"] > image["average"] and abs(image["top60"] - image["single"]) <= 0.1
+    assert image["rank1"] < image["top60"] - 0.2
+    assert (tmp_path / "contact_sheet.png").exists()

@@ -245,8 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="base directory to write (diffusers format)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", default=None, help="checkpoints and log.jsonl (default /tmp/toyworld-pretrain-<seed>)")
-    # One thread by default: on a shared machine OpenMP's spinning makes two threads no faster, and the
-    # weights are bit-identical only for the same thread count. On an idle machine --threads 2 is faster.
+    # The weights are bit-identical only for the same thread count; 1 built the committed base. On an
+    # idle 2-core machine --threads 2 is faster (docs/toyworld.md); on a busy one OpenMP's spinning undoes that.
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--steps", type=int, default=PretrainConfig.steps, help="denoiser steps")
     parser.add_argument("--vae-steps", type=int, default=PretrainConfig.vae_steps)

@@ -25,7 +25,7 @@ from evals.toyworld.world import PHOTO_BACKGROUNDS, SIZES, Scene, ToyConcept, pr
 class Hyperparameters:
     """`customdiff train` options for this world; `steps` is per concept (joint training gets N x steps)."""
 
-    steps: int = 250
+    steps: int = 500
     learning_rate: float = 1e-4  # before the trainer's scaling by batch size (x2 with prior preservation)
     batch_size: int = 4
     class_images: int = 100
