@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Iterable, Sequence
 from importlib import resources
 
 import torch
@@ -42,7 +43,7 @@ def target_captions(token: str, class_word: str) -> tuple[str, str]:
     return phrase, f"{TARGET_PREFIX} {phrase}"
 
 
-def context_captions(captions: list[str], token: str, class_word: str, limit: int) -> list[str]:
+def context_captions(captions: Iterable[str], token: str, class_word: str, limit: int) -> list[str]:
     """The first `limit` of `captions` that name `class_word` (as a whole word), with `token` put before
     its first mention: ``a ring on a navy background`` -> ``a <new1> ring on a navy background``."""
     if limit <= 0 or not class_word:
@@ -92,7 +93,7 @@ def regularization_features(tokenizer, text_encoder: nn.Module, captions: list[s
     return encode_rows(tokenizer, text_encoder, captions, [None] * len(captions))
 
 
-def concept_features(tokenizer, text_encoder: nn.Module, concepts: list[Concept], contexts: list[str] = (),
+def concept_features(tokenizer, text_encoder: nn.Module, concepts: list[Concept], contexts: Sequence[str] = (),
                      per_token: int = 0) -> list[torch.Tensor]:
     """C_i of each concept: its target captions' rows from the encoder with its token embeddings installed.
 
@@ -115,7 +116,7 @@ def concept_features(tokenizer, text_encoder: nn.Module, concepts: list[Concept]
         class_words = concept.class_words or ("",) * len(concept.tokens)
         captions, first_ids = [], []
         for token, class_word in zip(concept.tokens, class_words):
-            mine = [*target_captions(token, class_word), *context_captions(list(contexts), token, class_word, per_token)]
+            mine = [*target_captions(token, class_word), *context_captions(contexts, token, class_word, per_token)]
             captions.extend(mine)
             first_ids.extend([tokenizer.convert_tokens_to_ids(token)] * len(mine))
         features.append(encode_rows(tokenizer, text_encoder, captions, first_ids))

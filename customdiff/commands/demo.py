@@ -33,35 +33,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     demo.set_defaults(run=_run)
 
 
-def png(image) -> bytes:
-    """A uint8 [H, W, 3] image as PNG bytes."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, "PNG")
-    return buf.getvalue()
-
-
 def photos(concept: ToyConcept) -> list[bytes]:
     """The user's photos of the concept: 6 PNGs (both sizes on black, white and gray)."""
-    from evals.toyworld.render import render
+    from evals.toyworld.render import png_bytes, render
     from evals.toyworld.variants import photo_scenes
 
-    return [png(render(scene)) for scene in photo_scenes(concept)]
+    return [png_bytes(render(scene)) for scene in photo_scenes(concept)]
 
 
 def _run(args: argparse.Namespace) -> int:
     from customdiff.client import Client
     from customdiff.local import start_serve
     from customdiffusion.v1 import trainer_service_pb2 as tpb
+    from evals.toyworld.sampling import BASE_DIR
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, object] = {"times_s": {}, "concepts": {}}
     t0 = time.perf_counter()
     # 1. The whole stack, on loopback.
-    from evals.toyworld.sampling import BASE_DIR
-
     shutil.rmtree(out / "data", ignore_errors=True)  # a fresh registry and store: request ids repeat per run
     proc, ports = start_serve(out, api_keys=f"{API_KEY}=demo", max_concurrent_jobs=2, base_model=str(BASE_DIR))
     summary["times_s"]["start_stack"] = round(time.perf_counter() - t0, 1)
@@ -81,7 +71,7 @@ def _run(args: argparse.Namespace) -> int:
 def _scenario(client, tpb, out: Path, steps: int | None, summary: dict) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from evals.toyworld.render import render
+    from evals.toyworld.render import png_bytes, render
     from evals.toyworld.variants import HYPERPARAMETERS as hp
     from evals.toyworld.variants import class_scenes, world_captions
 
@@ -93,7 +83,7 @@ def _scenario(client, tpb, out: Path, steps: int | None, summary: dict) -> None:
         concept = tpb.ConceptSpec(
             name=name, class_prompt=toy.cls, modifier_token=toy.token, instance_prompt="a {token} {class_prompt}",
             images=[tpb.ImageInput(data=data) for data in photos(toy)],
-            class_images=[tpb.ImageInput(data=png(render(s))) for s in class_scenes(toy, hp.class_images, hp.seed)])
+            class_images=[tpb.ImageInput(data=png_bytes(render(s))) for s in class_scenes(toy, hp.class_images, hp.seed)])
         hyper = tpb.Hyperparameters(resolution=64, max_train_steps=steps, learning_rate=hp.learning_rate,
                                     train_batch_size=hp.batch_size, seed=hp.seed, disable_augmentation=True)
 

@@ -8,6 +8,7 @@ is centred at (32, 32) and fits inside rows and columns 8..55, so the outer 8 pi
 from __future__ import annotations
 
 import functools
+import io
 from pathlib import Path
 
 import numpy as np
@@ -93,10 +94,17 @@ def render_batch(scenes: list[Scene]) -> np.ndarray:
     return np.stack([render(s) for s in scenes]) if scenes else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
 
 
+def png_bytes(image: np.ndarray) -> bytes:
+    """One uint8 [H, W, 3] image as PNG bytes."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def save_png(image: np.ndarray, path: str | Path) -> Path:
     """Write one uint8 [H, W, 3] image as PNG."""
     path = Path(path)
-    Image.fromarray(image).save(path, format="PNG")
+    path.write_bytes(png_bytes(image))
     return path
 
 
