@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import PurePosixPath
+
 import kubernetes_validate
 import pytest
 from kubernetes import client
@@ -10,8 +12,10 @@ from concepts.errors import FailedPrecondition, PermissionDenied, Unavailable
 from services.common.settings import KubernetesSettings
 from services.trainer.launcher import LaunchRequest, LaunchState
 from services.trainer.launchers.job_manifest import (
+    CHECK_CONTAINER,
     EXIT_BAD_SPEC,
     MAX_NAME_LEN,
+    build_job,
     job_labels,
     job_name,
 )
@@ -111,6 +115,26 @@ def test_one_node_job_has_the_designed_spec_and_validates(fake, make_launcher):
     [check] = pod_spec["initContainers"]
     assert check["command"] == ["python", "-m", "services.trainer.launchers.check_spec", ONE_NODE.spec_path]
     assert "nvidia.com/gpu" not in check["resources"].get("limits", {})
+
+
+@pytest.mark.parametrize("request_", [ONE_NODE, THREE_NODES], ids=["one-node", "three-nodes"])
+def test_a_retried_pod_resumes_from_the_checkpoint_of_the_pod_that_died(request_):
+    """backoffLimit reruns a dead trainer in a new pod; it resumes only if it sees `<work_dir>/checkpoint/`."""
+    spec = build_job(request_, SETTINGS)["spec"]
+    pod_spec = spec["template"]["spec"]
+    assert spec["backoffLimit"] >= 1 and pod_spec["restartPolicy"] == "Never"  # each retry is a new pod
+    # Only an invalid spec (check-spec exits 2) fails the Job at once; a trainer that dies is retried.
+    assert [r["onExitCodes"]["containerName"] for r in spec["podFailurePolicy"]["rules"]
+            if r["action"] == "FailJob"] == [CHECK_CONTAINER]
+    [trainer] = pod_spec["containers"]
+    assert trainer["workingDir"] == request_.work_dir
+    # The deepest mount holding the work dir is the writable store PVC, shared by every pod and retry.
+    holding = [m for m in trainer["volumeMounts"] if PurePosixPath(request_.work_dir).is_relative_to(m["mountPath"])]
+    mount = max(holding, key=lambda m: len(m["mountPath"]))
+    volume = next(v for v in pod_spec["volumes"] if v["name"] == mount["name"])
+    assert volume == {"name": "store", "persistentVolumeClaim": {"claimName": SETTINGS.store_pvc}}
+    assert not mount.get("readOnly")
+    assert KubernetesJobLauncher.retries_itself  # so the service does not resume the job a second time
 
 
 def test_multi_node_indexed_job_and_headless_service_validate(fake, make_launcher):

@@ -15,6 +15,7 @@ from customdiffusion.v1 import trainer_service_pb2 as tpb
 from services.app import start_stack
 from services.common.registry import Registry
 from services.common.settings import Settings
+from services.trainer.launchers.local import _alive
 
 
 def _png(seed: int) -> bytes:
@@ -27,12 +28,12 @@ def _png(seed: int) -> bytes:
     return buf.getvalue()
 
 
-def _request(steps: int) -> tpb.CreateTrainingJobRequest:
+def _request(steps: int, checkpointing_steps: int = 5) -> tpb.CreateTrainingJobRequest:
     return tpb.CreateTrainingJobRequest(
         concepts=[tpb.ConceptSpec(name="stripes", class_prompt="square", num_class_images=2,
                                   images=[tpb.ImageInput(data=_png(i)) for i in range(2)])],
         hyperparameters=tpb.Hyperparameters(resolution=64, max_train_steps=steps, train_batch_size=1,
-                                            checkpointing_steps=5),
+                                            checkpointing_steps=checkpointing_steps),
         request_id="restart-test")
 
 
@@ -56,11 +57,12 @@ def _wait_running(client: Client, name: str) -> None:
     raise AssertionError("the job never reported progress")
 
 
-def _start_long_job(settings):
+def _start_long_job(settings, checkpointing_steps: int = 5):
     """A trainer service with a 2000-step job that has reported progress; returns (stack, client, job, pid)."""
     stack = start_stack(settings, components=("trainer",))
     client = _client(stack)
-    job = client.trainer_stub.CreateTrainingJob(_request(steps=2000), metadata=client.metadata).training_job
+    job = client.trainer_stub.CreateTrainingJob(_request(2000, checkpointing_steps), metadata=client.metadata)
+    job = job.training_job
     _wait_running(client, job.name)
     row = Registry(settings.database_url).get_job(job.name.removeprefix("trainingJobs/"))
     return stack, client, job, int((Path(row.work_dir) / "pid").read_text())
@@ -68,7 +70,7 @@ def _start_long_job(settings):
 
 def _wait_gone(pid: int, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
-    while Path(f"/proc/{pid}").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z":
+    while _alive(pid):
         assert time.monotonic() < deadline, f"process {pid} still runs after {timeout_s} s"
         time.sleep(0.1)
 
@@ -95,8 +97,9 @@ def test_restart_mid_job_reattaches_and_registers_the_concept(settings):
     stack.stop(0)
 
 
-def test_job_that_died_while_the_service_was_down_is_failed_with_a_reason(settings):
-    stack, client, job, pid = _start_long_job(settings)
+def test_job_that_died_before_a_checkpoint_while_the_service_was_down_is_failed_with_a_reason(settings):
+    # Nothing to resume from (a job that died with a checkpoint resumes: tests/test_faults_resume.py).
+    stack, client, job, pid = _start_long_job(settings, checkpointing_steps=1000)
     client.close()
     stack.stop(0)
     os.killpg(pid, signal.SIGKILL)
@@ -108,6 +111,7 @@ def test_job_that_died_while_the_service_was_down_is_failed_with_a_reason(settin
                                                       metadata=client.metadata, timeout=60))[-1].training_job
     assert final.state == resources_pb2.JOB_STATE_FAILED
     assert "ended without a result" in final.error_message, final.error_message
+    assert settings.work_dir not in final.error_message  # no server paths in what users see
     client.close()
     stack.stop(0)
 

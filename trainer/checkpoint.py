@@ -54,8 +54,8 @@ def load_checkpoint(work_dir: str | Path, job_key: str, params: dict[str, nn.Par
     state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
     if state["job_key"] != job_key or set(state["params"]) != set(params):
         raise FailedPrecondition(
-            f"{path} was written by a different job (spec, base model or number of processes differ); "
-            "remove it to start over"
+            f"{CHECKPOINT_DIR}/{STATE_FILE} in the job's work directory was written by a different job (spec, "
+            "base model or number of processes differ); remove it to start over"
         )
     with torch.no_grad():
         for name, p in params.items():
@@ -63,6 +63,22 @@ def load_checkpoint(work_dir: str | Path, job_key: str, params: dict[str, nn.Par
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     return int(state["step"])
+
+
+def checkpoint_step(work_dir: str | Path) -> int | None:
+    """The step of the checkpoint in `work_dir`, or None when there is none (or it cannot be read).
+
+    Memory-maps the file, so only the few bytes of the step are read, however large the state is:
+    the service calls this to decide whether a dead training process can be resumed.
+    """
+    path = checkpoint_path(work_dir)
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(state["step"])
+    except Exception:  # noqa: BLE001 - truncated or foreign file: nothing to resume from
+        return None
 
 
 def remove_checkpoint(work_dir: str | Path) -> None:

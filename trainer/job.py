@@ -113,7 +113,8 @@ def _train(spec: JobSpec, state: TrainState, key: str, progress: ProgressLog) ->
     total = hp.max_train_steps
     stop = spec.stop_after_steps or total
     start = load_checkpoint(spec.work_dir, key, state.params, state.optimizer, state.scaler)
-    progress.state("training", f"steps {start + 1} to {stop} of {total}" if start < stop else "already trained")
+    steps = f"steps {start + 1} to {stop} of {total}" if start < stop else "already trained"
+    progress.state("training", f"resumed from the checkpoint at step {start}; {steps}" if start else steps)
     per_step = hp.train_batch_size * state.ctx.world_size * hp.gradient_accumulation_steps
     timer = StepTimer(per_step * (2 if hp.with_prior_preservation else 1))
     lr = state.optimizer.param_groups[0]["lr"]

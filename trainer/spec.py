@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ def _check_float(obj: Any, name: str, lo: float, hi: float | None = None, lo_ope
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidArgument(where + name, f"must be a number, got {value!r}")
     too_low = value <= lo if lo_open else value < lo
-    if too_low or (hi is not None and value > hi):
+    if not math.isfinite(value) or too_low or (hi is not None and value > hi):
         low = f"> {lo}" if lo_open else f">= {lo}"
         raise InvalidArgument(where + name, f"must be {low}" + (f" and <= {hi}" if hi is not None else "")
                               + f", got {value}")

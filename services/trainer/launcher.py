@@ -54,6 +54,11 @@ class LaunchEvent:
 class JobLauncher(Protocol):
     """Starts, observes and stops training processes. Implementations are thread-safe."""
 
+    #: True when the launcher itself reruns a training process that died (a Kubernetes Job's
+    #: `backoffLimit`), so FAILED is final; False when the service should resume the job from its
+    #: checkpoint (`TrainingJobs`, at most `MAX_RESUMES` times).
+    retries_itself: bool
+
     def launch(self, request: LaunchRequest) -> None:
         """Start the job; return once it is submitted (not finished)."""
 
@@ -86,6 +91,23 @@ def outcome_from_work_dir(work_dir: str) -> tuple[LaunchState, str]:
     if not (work / "progress.jsonl").exists():
         return LaunchState.PENDING, ""
     return LaunchState.FAILED, last_error(work) or "the training process ended without a result; see its log"
+
+
+def reported_its_end(work: Path) -> bool:
+    """Whether the trainer's last progress line says how it ended: its own error, or a requested stop.
+
+    A process that died without one (a signal, the OOM killer, a host crash) may be resumed; one that
+    reported an error (bad input, a checkpoint of another job, a bug) would end the same way again.
+    """
+    path = work / "progress.jsonl"
+    lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+    for line in reversed(lines):
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by the death itself
+        return isinstance(event, dict) and (event.get("event") == "error" or event.get("state") == "stopped")
+    return False
 
 
 def last_error(work: Path) -> str:

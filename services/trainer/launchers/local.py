@@ -1,7 +1,8 @@
 """Runs `python -m trainer --spec` (or torchrun for several GPUs) as local subprocesses, a few at a time.
 
 Processes start in their own session so they outlive a restart of the service; `reattach` finds them
-again through the pid file in the job's work directory. Logs stay in `<work_dir>/train.log`. Unless
+again through the pid file in the job's work directory. Logs stay in `<work_dir>/train.log`. A
+process that dies is reported FAILED; `TrainingJobs` then resumes it from its checkpoint. Unless
 OMP_NUM_THREADS is set, each job gets an equal share of the CPU cores as its thread count: jobs that
 each take every core oversubscribe the machine, and OpenMP's spinning then slows all of them many times
 over (two 500-step jobs on 2 cores: 3.3 s per step each, against 0.07 s alone).
@@ -29,6 +30,8 @@ KILL_GRACE_S = 10.0
 class LocalProcessLauncher:
     """A `JobLauncher` on this machine with at most `max_concurrent` jobs running at once."""
 
+    retries_itself = False  # a dead process stays dead: the service resumes it from its checkpoint
+
     def __init__(self, max_concurrent: int = 1, python: str = sys.executable) -> None:
         self._python = python
         self._slots = max_concurrent
@@ -41,6 +44,9 @@ class LocalProcessLauncher:
 
     def launch(self, request: LaunchRequest) -> None:
         with self._lock:
+            if request.job_id in self._cancelled:  # cancelled while its resume was on the way
+                log.info("not launching job %s: it was cancelled", request.job_id)
+                return
             self._queue.append(request)
         self._dispatch()
 
@@ -63,7 +69,7 @@ class LocalProcessLauncher:
     def reattach(self, job_id: str, work_dir: str) -> tuple[LaunchState, str]:
         pid_file = Path(work_dir) / "pid"
         pid = int(pid_file.read_text()) if pid_file.exists() else None
-        if pid is not None and _alive(pid):
+        if pid is not None and _alive(pid) and _runs_in(pid, work_dir):  # not a reused pid after a reboot
             with self._lock:
                 self._running[job_id] = pid
             threading.Thread(target=self._poll_pid, args=(job_id, pid, Path(work_dir)), daemon=True,
@@ -73,7 +79,8 @@ class LocalProcessLauncher:
             return LaunchState.PENDING, ""
         state, message = outcome_from_work_dir(work_dir)
         if state is LaunchState.PENDING:  # started, but gone before it wrote anything
-            return LaunchState.FAILED, "the training process ended before it reported progress; see train.log"
+            return LaunchState.FAILED, ("the training process ended before it reported progress; "
+                                        "see the job's train.log")
         return state, message
 
     def close(self) -> None:
@@ -128,6 +135,8 @@ class LocalProcessLauncher:
             self._emit(LaunchEvent(job_id, LaunchState.CANCELLED, "cancelled by the user"))
         else:
             state, message = _final_state(work, exit_code)
+            if state is LaunchState.FAILED:
+                log.warning("job %s failed (%s); its log is %s", job_id, message, work / "train.log")
             self._emit(LaunchEvent(job_id, state, message))
         self._dispatch()
 
@@ -145,19 +154,58 @@ def _final_state(work: Path, exit_code: int | None) -> tuple[LaunchState, str]:
         state, message = outcome_from_work_dir(str(work))
         if state is not LaunchState.PENDING:
             return state, message
-    return LaunchState.FAILED, last_error(work) or f"training process exited with code {exit_code}; see {work / 'train.log'}"
+    reason = f"the training process {_exit_text(exit_code)}; see the job's train.log"
+    return LaunchState.FAILED, last_error(work) or reason
 
 
-def _alive(pid: int) -> bool:
+def _exit_text(exit_code: int | None) -> str:
+    """'exited with code 3', 'was killed by SIGKILL' (the OOM killer's signal, too)."""
+    if exit_code is not None and exit_code < 0:
+        try:
+            return f"was killed by {signal.Signals(-exit_code).name}"
+        except ValueError:
+            return f"was killed by signal {-exit_code}"
+    return f"exited with code {exit_code}"
+
+
+def _exists(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
+    except PermissionError:  # someone else's process: it exists
+        pass
+    return True
+
+
+def _proc_stat(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text()
+
+
+def _alive(pid: int) -> bool:
+    """Whether the process exists and is not a zombie (a zombie child of ours counts as gone)."""
+    if not _exists(pid):
+        return False
+    try:
+        stat = _proc_stat(pid)
+    except (FileNotFoundError, ProcessLookupError):
+        # Reaped between the two looks (a cancel racing the exit), or a system without /proc.
+        return _exists(pid) and not Path("/proc/self/stat").exists()
+    # The state follows the command name, which is in parentheses and may itself hold spaces.
+    return stat[stat.rindex(")") + 2:].split()[0] != "Z"
+
+
+def _runs_in(pid: int, work_dir: str) -> bool:
+    """Whether `pid` runs in `work_dir`, as every process `_start` makes does; True if /proc cannot tell."""
+    try:
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except FileNotFoundError:
+        return not Path("/proc/self/cwd").exists()  # no /proc here; else the process is gone
     except PermissionError:
-        return True
-    # A zombie child of ours counts as gone.
-    stat = Path(f"/proc/{pid}/stat")
-    return not (stat.exists() and stat.read_text().split()[2] == "Z")
+        return False  # another user's process; the service can always look at the ones it started
+    except OSError:
+        return True  # cannot tell
+    return os.path.realpath(cwd) == os.path.realpath(work_dir)
 
 
 def _terminate(pid: int) -> None:
