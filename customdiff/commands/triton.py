@@ -1,4 +1,7 @@
-"""`customdiff triton`: tritonserver (from the nvidia-pytriton wheel) on the stable_diffusion model, until SIGTERM."""
+"""`customdiff triton`: tritonserver (from the nvidia-pytriton wheel) on the stable_diffusion model, until SIGTERM.
+
+The server is supervised: restarted with backoff whenever it dies (services/inference/triton_supervisor.py).
+"""
 
 from __future__ import annotations
 
@@ -18,27 +21,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     triton.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (default 8002)")
     triton.add_argument("--host", default="0.0.0.0", help="address every endpoint binds to (default 0.0.0.0)")
     triton.add_argument("--cache-bytes", type=int, help="concept-cache budget (default: config.pbtxt's cache_bytes)")
-    triton.add_argument("--log-file", help="write the server's log here (default: a temporary file)")
+    triton.add_argument("--log-file", help="write the server's log here (default: its per-port state directory's)")
     triton.set_defaults(run=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from services.app import resolve_base_model
     from services.common.settings import Settings
-    from services.inference.triton_server import DEFAULT_REPOSITORY, serve_until_signal, start_triton
+    from services.inference.triton_server import DEFAULT_REPOSITORY, TritonLaunch, overrides_of
+    from services.common.server import StopSignals
+    from services.inference.triton_supervisor import TritonSupervisor, serve_until
 
+    stop = StopSignals()
     settings = Settings.load(args.config)
-    server = start_triton(
-        args.model_repository or DEFAULT_REPOSITORY,
-        base_model=args.base or resolve_base_model(settings),
-        store_url=args.store or settings.store_url,
-        cache_bytes=args.cache_bytes,
+    launch = TritonLaunch(
+        Path(args.model_repository or DEFAULT_REPOSITORY),
+        overrides_of(args.base or resolve_base_model(settings), args.store or settings.store_url, args.cache_bytes),
+        host=args.host,
         grpc_port=args.grpc_port or int(settings.triton_url.rsplit(":", 1)[1]),
         http_port=args.http_port,
         metrics_port=args.metrics_port,
-        host=args.host,
-        log_path=args.log_file,
+        log_path=Path(args.log_file) if args.log_file else None,
     )
-    print(json.dumps({"grpc_port": server.grpc_port, "http_port": server.http_port,
-                      "metrics_port": server.metrics_port, "log": str(server.log_path)}), flush=True)
-    return 0 if serve_until_signal(server) == 0 else 1
+    # Supervised: a tritonserver that dies is restarted (docs/operations.md, "Triton supervision").
+    supervisor = TritonSupervisor(launch).start()
+    print(json.dumps({"grpc_port": launch.grpc_port, "http_port": launch.http_port,
+                      "metrics_port": launch.metrics_port, "log": str(supervisor.log_path)}), flush=True)
+    return 0 if serve_until(stop, supervisor) == 0 else 1

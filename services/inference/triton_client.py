@@ -1,8 +1,14 @@
-"""Calling the Triton model "stable_diffusion" over gRPC with `tritonclient`, errors as domain errors."""
+"""Calling the Triton model "stable_diffusion" over gRPC with `tritonclient`, errors as domain errors.
+
+Callers see the model's own domain errors (a bad field, an unknown concept) as they are; everything
+else (Triton down or restarting, a transport failure) reaches them as a generic message, and the
+detail, with Triton's address, goes to the log.
+"""
 
 from __future__ import annotations
 
-import functools
+import logging
+import threading
 
 import numpy as np
 
@@ -10,13 +16,40 @@ from concepts.errors import CustomDiffError, DeadlineExceeded, Unavailable
 from services.inference.request import GenerationRequest
 from services.inference.triton_protocol import error_from_text
 
+log = logging.getLogger(__name__)
+UNAVAILABLE_TEXT = "the generation backend is unavailable; retry later"
+# Reconnect within a second of Triton coming back (gRPC's default backoff grows to 2 minutes), on a
+# channel of its own (a shared subchannel would keep another channel's backoff).
+RECONNECT_ARGS = [("grpc.initial_reconnect_backoff_ms", 250), ("grpc.min_reconnect_backoff_ms", 250),
+                  ("grpc.max_reconnect_backoff_ms", 1000), ("grpc.use_local_subchannel_pool", 1)]
+# Where UNAVAILABLE is not the status: the server's process went away mid-call, or its backend stub died.
+_GONE = ("Socket closed", "RST_STREAM", "Stub process", "is not healthy", "Connection reset")
+_clients: dict[str, object] = {}
+_clients_lock = threading.Lock()
 
-@functools.lru_cache(maxsize=16)
-def _client(url: str):
-    """One client (one gRPC channel) per URL, shared: its `infer` is thread-safe."""
+
+def new_client(url: str):
+    """A tritonclient gRPC client for `url` that reconnects quickly after Triton restarts."""
     import tritonclient.grpc as triton
 
-    return triton.InferenceServerClient(url)
+    args = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1),
+            *RECONNECT_ARGS]
+    return triton.InferenceServerClient(url, channel_args=args)
+
+
+def _client(url: str):
+    """One client (one gRPC channel) per URL, shared: its `infer` is thread-safe."""
+    with _clients_lock:
+        if url not in _clients:
+            _clients[url] = new_client(url)
+        return _clients[url]
+
+
+def _drop_client(url: str, client) -> None:
+    """Forget `client` (after UNAVAILABLE): the next call opens a new channel. Calls in flight keep theirs."""
+    with _clients_lock:
+        if _clients.get(url) is client:
+            del _clients[url]
 
 
 def _string_input(name: str, text: str):
@@ -41,28 +74,39 @@ def generate_via_triton(url: str, model: str, request: GenerationRequest, timeou
         Unavailable: Triton is down, unreachable, or the model is not loaded.
         DeadlineExceeded: `timeout_s` passed.
         InvalidArgument: a bad parameter (the error names the field).
-        NotFound: a concept digest is not in the store.
-        FailedPrecondition, CorruptArtifact, CustomDiffError: the model's other domain errors.
+        CorruptArtifact: a concept's artifact is missing from the store or does not match its digest.
+        FailedPrecondition, CustomDiffError: the model's other domain errors.
     """
     import tritonclient.grpc as triton
 
     inputs = [_string_input("PROMPT", request.prompt), _string_input("NEGATIVE_PROMPT", request.negative_prompt)]
+    client = _client(url)
     try:
-        result = _client(url).infer(model, inputs, parameters=request.to_parameters(), client_timeout=timeout_s,
-                                    timeout=max(1, int(timeout_s * 1e6)))
+        result = client.infer(model, inputs, parameters=request.to_parameters(), client_timeout=timeout_s,
+                              timeout=max(1, int(timeout_s * 1e6)))
     except triton.InferenceServerException as e:
-        raise _domain_error(e, model) from e
+        error = _domain_error(e, url, model)
+        if isinstance(error, Unavailable):
+            _drop_client(url, client)
+        raise error from e
     return [bytes(png) for png in result.as_numpy("IMAGES").reshape(-1)]
 
 
-def _domain_error(e, model: str) -> CustomDiffError:
-    """Map a tritonclient error: the model's own ``[REASON] ...`` text first, then the gRPC status."""
+def _domain_error(e, url: str, model: str) -> CustomDiffError:
+    """Map a tritonclient error: the model's own ``[REASON] ...`` text first, then the gRPC status.
+
+    Messages for callers name no address, path or Triton internals; the log gets Triton's text.
+    """
     message, status = e.message() or "", e.status() or ""
     if "DEADLINE_EXCEEDED" in status or "timeout expired" in message.lower():
-        return DeadlineExceeded(f"Triton did not answer within the deadline: {message}")
+        log.info("Triton %s model %s: deadline exceeded (%s): %s", url, model, status, message)
+        return DeadlineExceeded("generation did not finish within the deadline")
     mapped = error_from_text(message)
-    if mapped is not None:
+    if mapped is not None and type(mapped) not in (CustomDiffError, Unavailable):
         return mapped
-    if "unknown model" in message or "UNAVAILABLE" in status:
-        return Unavailable(f"Triton model {model!r} is not available: {message}")
-    return CustomDiffError(f"Triton failed ({status}): {message}")
+    if isinstance(mapped, Unavailable) or "unknown model" in message or "UNAVAILABLE" in status \
+            or any(text in message for text in _GONE):
+        log.warning("Triton %s model %s unavailable (%s): %s", url, model, status, message)
+        return Unavailable(UNAVAILABLE_TEXT)
+    log.error("Triton %s model %s failed (%s): %s", url, model, status, message)
+    return CustomDiffError("generation failed; see the inference service's log")
