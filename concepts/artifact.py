@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from concepts.errors import CorruptArtifact, InvalidArgument
+from concepts.errors import CorruptArtifact, InvalidArgument, quote
 
 FORMAT = "customdiff.concept"
 FORMAT_VERSION = 1
@@ -191,5 +191,5 @@ def check_digest(digest: str, field_name: str = "digest") -> str:
     """Validate a hex sha256 digest string and return it lower-cased."""
     d = digest.lower().removeprefix("sha256:")
     if len(d) != 64 or any(c not in "0123456789abcdef" for c in d):
-        raise InvalidArgument(field_name, f"expected 64 hex characters of a sha256 digest, got {digest!r}")
+        raise InvalidArgument(field_name, f"expected 64 hex characters of a sha256 digest, got {quote(digest)}")
     return d

@@ -3,6 +3,18 @@
 from __future__ import annotations
 
 
+MAX_QUOTED = 100
+
+
+def quote(value: object, limit: int = MAX_QUOTED) -> str:
+    """`repr(value)` cut to about `limit` characters: error texts never echo a caller's megabyte back."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f"{len(value)} characters" if isinstance(value, (str, bytes)) else "cut"
+    return f"{text[:limit]}... ({size})"
+
+
 class CustomDiffError(Exception):
     """Base of every domain error; `reason` is the stable machine-readable code (AIP-193 ErrorInfo)."""
 
@@ -59,6 +71,18 @@ class Unavailable(CustomDiffError):
 
 class ResourceExhausted(CustomDiffError):
     reason = "RESOURCE_EXHAUSTED"
+
+
+class QuotaExceeded(ResourceExhausted):
+    """A tenant's quota would be exceeded; `quota` names it (google.rpc.QuotaFailure's subject)."""
+
+    reason = "QUOTA_EXCEEDED"
+
+    def __init__(self, quota: str, tenant: str, description: str) -> None:
+        super().__init__(f"quota {quota} of tenant {tenant!r} exceeded: {description}")
+        self.quota = quota
+        self.tenant = tenant
+        self.description = description
 
 
 class PermissionDenied(CustomDiffError):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 
 import fsspec
 
 from concepts.artifact import Concept, check_digest, concept_from_bytes, concept_to_bytes, digest_of
 from concepts.errors import CorruptArtifact, NotFound
+
+log = logging.getLogger(__name__)
 
 
 class ArtifactStore:
@@ -43,18 +46,20 @@ class ArtifactStore:
         return digest
 
     def get(self, digest: str) -> bytes:
-        """The blob's bytes; raise `CorruptArtifact` naming the file and the expected digest on mismatch."""
+        """The blob's bytes; `CorruptArtifact` when they do not match the digest.
+
+        Messages name the digest only: they may reach callers, so the store's paths go to the log.
+        """
         path = self.path(digest)
         try:
             data = self.fs.cat_file(path)
         except FileNotFoundError as e:
-            raise NotFound(f"no artifact with digest {digest} in store {self.url}") from e
+            raise NotFound(f"no blob sha256:{digest} in the artifact store") from e
         actual = digest_of(data)
         if actual != check_digest(digest):
-            raise CorruptArtifact(
-                f"{path}: content does not match its address: expected sha256 {check_digest(digest)}, "
-                f"got {actual} ({len(data)} bytes); the file is truncated or was modified"
-            )
+            log.error("%s: content does not match its address (sha256 %s, %d bytes)", path, actual, len(data))
+            raise CorruptArtifact(f"blob sha256:{digest} in the artifact store does not match its address: "
+                                  "it is truncated or was modified")
         return data
 
     def exists(self, digest: str) -> bool:
@@ -70,7 +75,16 @@ class ArtifactStore:
         return self.put(concept_to_bytes(concept))
 
     def get_concept(self, digest: str) -> Concept:
-        return concept_from_bytes(self.get(digest), source=self.path(digest))
+        return concept_from_bytes(self.get(digest), source=f"sha256:{digest}")
+
+    def get_registered_concept(self, digest: str) -> Concept:
+        """A concept the registry lists: its blob missing is data loss (DATA_LOSS), not NOT_FOUND."""
+        try:
+            return self.get_concept(digest)
+        except NotFound as e:
+            log.error("registered concept artifact %s is missing from the store %s", digest, self.url)
+            raise CorruptArtifact(f"the artifact of this concept (sha256:{digest}) is missing from the store; "
+                                  "restore it from a backup or delete the concept") from e
 
     def get_uri(self, uri: str) -> bytes:
         """Bytes of a ``sha256:<hex>`` URI of this store."""

@@ -12,6 +12,7 @@ from grpc_health.v1 import health
 
 from concepts.store import ArtifactStore
 from services.common.concept_servicer import concept_service
+from services.common.quotas import TenantQuotas
 from services.common.registry import Registry
 from services.common.server import build_server
 from services.common.settings import Settings
@@ -24,13 +25,17 @@ COMPONENTS = ("trainer", "merger", "inference")
 class Stack:
     """Running servers and what to close when they stop."""
 
+    registry: Registry
     ports: dict[str, int] = field(default_factory=dict)
     servers: list[tuple[grpc.Server, health.HealthServicer]] = field(default_factory=list)
     closers: ExitStack = field(default_factory=ExitStack)
 
     def stop(self, grace_s: float = 5.0) -> None:
+        """Drain: health NOT_SERVING, new RPCs refused, Watch streams ended (UNAVAILABLE: watch again
+        elsewhere), in-flight unary calls such as Generate given `grace_s` to finish; then close."""
         for server, health_servicer in self.servers:
             health_servicer.enter_graceful_shutdown()
+        self.registry.release_watchers()
         for event in [server.stop(grace_s) for server, _ in self.servers]:
             event.wait()
         self.closers.close()
@@ -70,17 +75,18 @@ def start_stack(settings: Settings, components: tuple[str, ...] = COMPONENTS, ba
     registry.migrate()
     store = ArtifactStore(settings.store_url)
     base = base_model or resolve_base_model(settings)
-    stack = Stack()
+    stack = Stack(registry)
+    quotas = TenantQuotas(settings.quotas, registry)
     concepts = concept_service(registry, store)
     for component in components:
         if component == "trainer":
             from services.trainer.jobs import TrainingJobs
             from services.trainer.servicer import trainer_service
 
-            jobs = TrainingJobs(settings, registry, store, make_launcher(settings), base)
+            jobs = TrainingJobs(settings, registry, store, make_launcher(settings), base, quotas)
             stack.closers.callback(jobs.close)
             jobs.recover()
-            service, port = trainer_service(settings, registry, store, jobs), settings.trainer_port
+            service, port = trainer_service(settings, registry, store, jobs, quotas), settings.trainer_port
         elif component == "merger":
             from services.merger.jobs import MergerJobs
             from services.merger.servicer import merger_service
@@ -88,14 +94,20 @@ def start_stack(settings: Settings, components: tuple[str, ...] = COMPONENTS, ba
             merger_jobs = MergerJobs(registry, store, base)
             stack.closers.callback(merger_jobs.close)
             merger_jobs.recover()
-            service, port = merger_service(registry, merger_jobs), settings.merger_port
+            service, port = merger_service(registry, merger_jobs, quotas), settings.merger_port
         elif component == "inference":
             from services.inference.servicer import inference_service
 
-            service, port = inference_service(settings, registry), settings.inference_port
+            service, port = inference_service(settings, registry, quotas), settings.inference_port
         else:
             raise ValueError(f"unknown component {component!r}; known: {COMPONENTS}")
         server, bound, health_servicer = build_server(settings, [service, concepts], port)
+        if component == "inference":
+            from services.inference.triton_health import TritonHealth
+
+            # NOT_SERVING (service and server) while Triton's model is not ready.
+            watch = TritonHealth(settings.triton_url, settings.triton_model, health_servicer, [service.name, ""])
+            stack.closers.callback(watch.start().stop)
         server.start()
         stack.servers.append((server, health_servicer))
         stack.ports[component] = bound

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
 import torch
+from grpc._server import _Context
 
 from concepts.artifact import Concept, LinearDelta
 from concepts.base import BaseModel, kv_layers, load_base
@@ -20,6 +22,50 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+_PATH = re.compile(r"(?:/[\w.@+-]+){2,}")
+_INTERNALS = re.compile(r"object at 0x[0-9a-f]+|<[\w.]+ object|Traceback \(most recent|"
+                        r"\b(?:127\.\d+\.\d+\.\d+|localhost|0\.0\.0\.0|\[::1?\]):\d+")
+_STATUS_LEAKS: list[str] = []
+
+
+def server_internals(message: str) -> list[str]:
+    """What a status message shows of the server: paths that exist here, reprs, internal addresses."""
+    paths = [m for m in _PATH.findall(message) if ".." not in m.split("/")
+             and (Path(m).exists() or Path(m).parent.exists())]
+    return paths + _INTERNALS.findall(message)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _record_status_messages():
+    """Every status message an in-process server sends passes through `_Context.abort`/`set_details`."""
+    abort, set_details = _Context.abort, _Context.set_details
+
+    def check(details) -> None:
+        if isinstance(details, str) and server_internals(details):
+            _STATUS_LEAKS.append(details)
+
+    def checked_abort(self, code, details):
+        check(details)
+        return abort(self, code, details)
+
+    def checked_set_details(self, details):
+        check(details)
+        return set_details(self, details)
+
+    _Context.abort, _Context.set_details = checked_abort, checked_set_details
+    yield
+    _Context.abort, _Context.set_details = abort, set_details
+
+
+@pytest.fixture(autouse=True)
+def no_server_internals_in_status_messages():
+    """No status message of any test shows a server path, address or repr (they go to the log)."""
+    seen = len(_STATUS_LEAKS)
+    yield
+    leaks = _STATUS_LEAKS[seen:]
+    assert not leaks, f"status messages show server internals: {leaks}"
 
 
 @pytest.fixture(scope="session")

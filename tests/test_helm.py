@@ -11,7 +11,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from services.common.settings import Settings
+from services.common.settings import QuotaLimits, Settings
 from services.trainer.launcher import LaunchRequest
 from services.trainer.launchers.job_manifest import build_job, build_service
 from services.trainer.launchers.kubernetes import RBAC_RULES
@@ -122,7 +122,8 @@ def test_services_serve_the_config_with_grpc_probes_and_triton_gets_a_gpu():
         assert container["command"] + container["args"] == [
             "customdiff", "serve", "--config", "/etc/customdiff/config.yaml", "--only", component]
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert container[probe]["grpc"] == {"port": port}
+            expected = {"port": port, "service": "liveness"} if probe == "livenessProbe" else {"port": port}
+            assert container[probe]["grpc"] == expected
     [triton] = deployments["cd-customdiff-triton"]["containers"]
     assert triton["args"][0] == "--model-repository=/opt/customdiff/model_repository"
     assert triton["resources"]["limits"]["nvidia.com/gpu"] == 1
@@ -203,3 +204,22 @@ def test_every_value_is_documented_in_values_yaml_and_the_readme():
     readme = (CHART / "README.md").read_text()
     rows = re.findall(r"^\| `([^`]+)` \| (.+?) \| `(.*?)` \|$", readme, flags=re.MULTILINE)
     assert [(name, description) for name, description, _ in rows] == params
+
+
+def test_quotas_limits_and_shutdown_reach_the_config_and_the_pods():
+    docs = render(None, "config.quotas.tenants.acme.storedBytes=0", "config.quotas.tenants.acme.trainingJobs=9",
+                  "config.shutdownGraceSeconds=40", "config.rpcLimits.streams=256")
+    settings = settings_of(docs)
+    assert settings.quotas.for_tenant("acme") == QuotaLimits(stored_bytes=0, training_jobs=9)
+    assert settings.quotas.for_tenant("other") == QuotaLimits()
+    assert settings.shutdown_grace_s == 40 and settings.rpc_limits.streams == 256
+    for deployment in find(docs, "Deployment"):
+        if deployment["metadata"]["name"].endswith("triton"):
+            continue
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["terminationGracePeriodSeconds"] == 5 + 40 + 5  # preStop + grace + margin
+        [container] = pod["containers"]
+        assert container["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "5"]
+        assert {container[p]["timeoutSeconds"] for p in ("startupProbe", "readinessProbe", "livenessProbe")} == {2}
+    bad = helm("template", "cd", str(CHART), "--set", "config.quotas.tenants.acme.storedBytes=-1")
+    assert bad.returncode != 0 and "storedBytes" in bad.stderr

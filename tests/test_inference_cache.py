@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from concepts.artifact import Concept, LinearDelta
-from concepts.errors import BaseMismatch, NotFound
+from concepts.errors import BaseMismatch, CorruptArtifact
 from concepts.store import ArtifactStore
 from services.inference.cache import ConceptCache
 
@@ -75,7 +75,7 @@ def test_a_failing_load_evicts_nothing(store, digests):
     cache = ConceptCache(store, refuse_3, device_bytes=2 * SIZE)
     cache.get(digests[0])
     cache.get(digests[1])
-    with pytest.raises(NotFound):
+    with pytest.raises(CorruptArtifact):  # the cache loads registered digests only: missing is data loss
         cache.get("0" * 64)
     with pytest.raises(BaseMismatch):
         cache.get(digests[3])

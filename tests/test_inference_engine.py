@@ -10,7 +10,7 @@ from diffusers import StableDiffusionPipeline
 
 from concepts.apply import apply_concepts
 from concepts.base import load_base
-from concepts.errors import BaseMismatch, InvalidArgument, NotFound
+from concepts.errors import BaseMismatch, CorruptArtifact, InvalidArgument
 from concepts.store import ArtifactStore
 from customdiff.__main__ import main
 from services.inference.engine import Engine, make_scheduler
@@ -153,7 +153,7 @@ def test_bad_requests_fail_alone(engine, store, d, other_base_dir):
         GenerationRequest(PROMPT, concept_digests=(d["dense"], d["lowrank"]),
                           num_inference_steps=STEPS),
     ])
-    assert isinstance(results[0], NotFound)
+    assert isinstance(results[0], CorruptArtifact)  # a digest the registry lists, gone from the store
     assert max_diff(results[1], engine.generate(good)) < 1e-4
     assert isinstance(results[2], InvalidArgument) and results[2].field == "prompt" and "80 tokens" in str(results[2])
     assert isinstance(results[3], BaseMismatch)

@@ -16,7 +16,7 @@ import tritonclient.grpc as triton
 from PIL import Image
 
 from concepts.base import load_base
-from concepts.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
+from concepts.errors import CorruptArtifact, DeadlineExceeded, InvalidArgument, Unavailable
 from concepts.store import ArtifactStore
 from services.inference.engine import Engine, to_png
 from services.inference.request import GenerationRequest
@@ -137,7 +137,8 @@ def test_bad_parameters_come_back_naming_the_field(server, concept_a):
     with pytest.raises(InvalidArgument) as long_prompt:
         generate_via_triton(url, MODEL_NAME, GenerationRequest("dog " * 90, num_inference_steps=1), 60)
     assert long_prompt.value.field == "prompt" and "90 tokens" in str(long_prompt.value)
-    with pytest.raises(NotFound):
+    # The front only sends digests the registry lists: one missing from the store is data loss.
+    with pytest.raises(CorruptArtifact, match="missing from the store"):
         generate_via_triton(url, MODEL_NAME, GenerationRequest("a dog", concept_digests=("cd" * 32,)), 60)
 
 

@@ -66,4 +66,4 @@ def test_compress_rejects_a_concept_of_another_base(other_base_dir, store_with_t
 def test_merge_of_an_unknown_digest_fails_cleanly(tiny_base_dir, store_with_two, capsys):
     store, (a, _) = store_with_two
     assert main(["merge", a, "0" * 64, "--base", str(tiny_base_dir), "--store", store.url]) == 2
-    assert "no artifact with digest" in capsys.readouterr().err
+    assert "no blob sha256:" in capsys.readouterr().err

@@ -2,6 +2,9 @@
 RESOURCE_EXHAUSTED for oversized messages, UNAVAILABLE when Triton is down, and nothing half-written."""
 
 import io
+import struct
+import time
+import zlib
 from pathlib import Path
 
 import grpc
@@ -26,6 +29,17 @@ def png(size=(64, 64), color=(200, 30, 30)) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, color).save(buf, "PNG")
     return buf.getvalue()
+
+
+def png_1bit(width: int, height: int) -> bytes:
+    """A real, fully decodable black 1-bit PNG: a few KB that decode to width x height pixels."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    rows = zlib.compressobj(9)
+    row = b"\0" * (1 + (width + 7) // 8)
+    idat = b"".join(rows.compress(row) for _ in range(height)) + rows.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
 
 
 def concept(**overrides) -> tpb.ConceptSpec:
@@ -158,3 +172,74 @@ def test_unknown_concept_is_not_found_and_triton_down_is_unavailable(stack):
     with pytest.raises(grpc.RpcError) as e:
         client.generate("photo of a dog", num_inference_steps=2, timeout=20)
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+MEGA = "x" * 1_000_000
+NAN, INF = float("nan"), float("inf")
+CAT_REF = resources_pb2.ConceptRef(name="cat")
+
+
+def _hostile_cases():
+    bomb, huge = png_1bit(20000, 20000), png_1bit(13000, 13000)
+    assert len(bomb) < 100_000 and len(huge) < 40_000
+    train = lambda **kw: ("trainer", "CreateTrainingJob", tpb.CreateTrainingJobRequest(  # noqa: E731
+        concepts=[concept(**kw.pop("concept", {}))], **kw))
+    cases = [
+        ("bomb-png", *train(concept={"images": [tpb.ImageInput(data=bomb)]}), "concepts[0].images[0]"),
+        ("13000x13000-png", *train(concept={"images": [tpb.ImageInput(data=huge)]}), "concepts[0].images[0]"),
+        ("bomb-class-image", *train(concept={"class_images": [tpb.ImageInput(data=bomb)]}),
+         "concepts[0].class_images[0]"),
+        ("1MB-class_prompt", *train(concept={"class_prompt": MEGA}), "concepts[0].class_prompt"),
+        ("1MB-instance_prompt", *train(concept={"instance_prompt": MEGA}), "concepts[0].instance_prompt"),
+        ("1MB-caption", *train(concept={"images": [tpb.ImageInput(data=png(), caption=MEGA)]}),
+         "concepts[0].images[0].caption"),
+        ("1MB-name", *train(concept={"name": MEGA}), "concepts[0].name"),
+        ("1MB-request_id", *train(request_id=MEGA), "request_id"),
+        ("1MB-uri", *train(concept={"images": [tpb.ImageInput(uri=MEGA)]}), "concepts[0].images[0].uri"),
+        ("1MB-job-name", "trainer", "GetTrainingJob", tpb.GetTrainingJobRequest(name=MEGA), "name"),
+        ("1MB-page-token", "trainer", "ListTrainingJobs", tpb.ListTrainingJobsRequest(page_token=MEGA), "page_token"),
+        ("1MB-prompt", "inference", "Generate", ipb.GenerateRequest(prompt=MEGA), "prompt"),
+        ("1MB-negative_prompt", "inference", "Generate", ipb.GenerateRequest(prompt="a", negative_prompt=MEGA),
+         "negative_prompt"),
+        ("1MB-concept-name", "merger", "CompressConcept", mpb.CompressConceptRequest(
+            concept=resources_pb2.ConceptRef(name=MEGA), rank=1), "concept.name"),
+    ]
+    for name, value in (("nan", NAN), ("inf", INF), ("-inf", -INF)):
+        cases += [
+            (f"{name}-learning_rate", *train(hyperparameters=tpb.Hyperparameters(learning_rate=value)),
+             "hyperparameters.learning_rate"),
+            (f"{name}-prior_loss_weight", *train(hyperparameters=tpb.Hyperparameters(prior_loss_weight=value)),
+             "hyperparameters.prior_loss_weight"),
+            (f"{name}-guidance_scale", "inference", "Generate", ipb.GenerateRequest(prompt="a", guidance_scale=value),
+             "guidance_scale"),
+            (f"{name}-ridge", "merger", "MergeConcepts", mpb.MergeConceptsRequest(concepts=[CAT_REF, CAT_REF],
+                                                                                 ridge=value), "ridge"),
+            (f"{name}-fraction", "merger", "CompressConcept", mpb.CompressConceptRequest(concept=CAT_REF,
+                                                                                        fraction=value), "fraction"),
+            (f"{name}-energy", "merger", "CompressConcept", mpb.CompressConceptRequest(concept=CAT_REF, energy=value),
+             "energy"),
+        ]
+    for i, token in enumerate(["../../x", "<a\x00b>", "<" + "a" * 10_000 + ">", "<new 1>", "new1", "<>", "<ne/w>"]):
+        cases.append((f"modifier_token-{i}", *train(concept={"modifier_token": token}), "concepts[0].modifier_token"))
+    return cases
+
+
+HOSTILE = _hostile_cases()
+
+
+@pytest.mark.parametrize("server, method, request_, field", [c[1:] for c in HOSTILE], ids=[c[0] for c in HOSTILE])
+def test_hostile_input_is_invalid_argument_fast_and_short(stack, server, method, request_, field):
+    settings, client = stack
+    stub = {"trainer": client.trainer_stub, "merger": client.merger_stub, "inference": client.inference_stub}[server]
+    took = []
+    for _ in range(3):  # the best of three: the bound is on the server's work, not on a busy test machine
+        start = time.perf_counter()
+        with pytest.raises(grpc.RpcError) as e:
+            getattr(stub, method)(request_, metadata=client.metadata, timeout=10)
+        took.append(time.perf_counter() - start)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()[:300]
+    assert _field_of(e.value) == [field], e.value.details()[:300]
+    assert e.value.details().startswith(field + ": ")
+    assert len(e.value.details()) < 400, e.value.details()[:500]  # values are quoted to about 100 characters
+    assert min(took) < 0.05, took
+    _nothing_written(settings)

@@ -1,5 +1,8 @@
 """Auth, error mapping, tenancy and ConceptService on a real gRPC server on loopback."""
 
+import subprocess
+import sys
+
 import grpc
 import pytest
 from google.rpc import error_details_pb2
@@ -122,3 +125,13 @@ def test_tls_when_configured(tmp_path, tiny_base_dir):
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         st.stop(0)
+
+
+def test_stop_signals_catch_a_signal_sent_before_wait_and_many_at_once():
+    """SIGTERM right after start-up, before anyone waits, still ends in a clean exit; a burst does not hang."""
+    code = ("import os, signal; from services.common.server import StopSignals\n"
+            "stop = StopSignals()\n"
+            "for _ in range(50): os.kill(os.getpid(), signal.SIGTERM)\n"
+            "stop.wait(); print('drained')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout.strip()) == (0, "drained"), result.stderr

@@ -21,26 +21,30 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from services.app import resolve_base_model, start_stack
-    from services.common.server import wait_for_signal
+    from services.common.server import StopSignals
     from services.common.settings import Settings
 
+    stop = StopSignals()  # from the start: a SIGTERM during start-up still drains and exits 0
     settings = Settings.load(args.config)
     components = tuple(args.only or COMPONENTS + ("triton",))
     base = resolve_base_model(settings)
     triton = None
     if "triton" in components:
         from customdiff.local import free_port
-        from services.inference.triton_server import start_triton
+        from services.inference.triton_server import TritonLaunch, overrides_of
+        from services.inference.triton_supervisor import TritonSupervisor
 
         host, port = settings.triton_url.rsplit(":", 1)
         # Clients use Triton's gRPC port only; its HTTP and metrics endpoints get free ports.
-        triton = start_triton(base_model=base, store_url=settings.store_url, host=host, grpc_port=int(port),
+        # Supervised: a tritonserver that dies is restarted (docs/operations.md, "Triton supervision").
+        launch = TritonLaunch(overrides=overrides_of(base, settings.store_url), host=host, grpc_port=int(port),
                               http_port=free_port(host), metrics_port=free_port(host))
+        triton = TritonSupervisor(launch).start()
     stack = start_stack(settings, tuple(c for c in components if c != "triton"), base_model=base)
     print(json.dumps({"ports": stack.ports, "triton": settings.triton_url if triton else None}), flush=True)
-    wait_for_signal()
+    stop.wait()
     log.info("shutting down")
-    stack.stop(grace_s=10.0)  # NOT_SERVING first, then in-flight RPCs get the grace period
+    stack.stop(grace_s=settings.shutdown_grace_s)  # NOT_SERVING first, then in-flight RPCs get the grace period
     if triton is not None:
         triton.stop()
     return 0

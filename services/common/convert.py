@@ -7,7 +7,7 @@ import re
 
 from google.protobuf import timestamp_pb2
 
-from concepts.errors import InvalidArgument
+from concepts.errors import InvalidArgument, quote
 from customdiffusion.v1 import resources_pb2
 from services.common.models import ConceptRow
 
@@ -59,7 +59,7 @@ def page(page_size: int, page_token: str) -> tuple[int, int]:
     try:
         offset = int(base64.urlsafe_b64decode(page_token.encode()).decode().removeprefix("offset:"))
     except ValueError as e:
-        raise InvalidArgument("page_token", f"not a page token this server issued: {page_token!r}") from e
+        raise InvalidArgument("page_token", f"not a page token this server issued: {quote(page_token)}") from e
     return offset, limit
 
 
@@ -71,5 +71,5 @@ def check_name(value: str, field: str) -> str:
     """Concept names: 1-63 characters of lower-case letters, digits, '-', '_' and '+'."""
     if not re.fullmatch(r"[a-z0-9][a-z0-9_+\-]{0,62}", value or ""):
         raise InvalidArgument(field, f"must be 1-63 characters of a-z, 0-9, '-', '_', '+' starting with a "
-                                     f"letter or digit, got {value!r}")
+                                     f"letter or digit, got {quote(value)}")
     return value

@@ -6,6 +6,7 @@ from typing import Iterator
 
 import grpc
 
+from concepts.errors import Unavailable
 from services.common.models import JobRow
 from services.common.registry import TERMINAL_STATES, Registry
 
@@ -17,12 +18,15 @@ def watch_job(registry: Registry, job_id: str, tenant: str, kind: str,
     """Yield (job snapshot, log line): the current state first, then one item per event until the job ends.
 
     A watcher that connects late gets the current state first and then only newer events. Ends when
-    the job reaches a terminal state or the client goes away.
+    the job reaches a terminal state or the client goes away; when the server shuts down it ends with
+    UNAVAILABLE, which clients retry (on another replica).
     """
     last = registry.last_event_id(job_id)
     row = registry.get_job(job_id, tenant, kind)  # NotFound for another tenant's job
     yield row, ""
     while row.state not in TERMINAL_STATES and context.is_active():
+        if registry.watchers_released:
+            raise Unavailable("the server is shutting down; watch the job again to continue")
         events = registry.events_after(job_id, last)
         if not events:
             registry.wait_for_change(POLL_S)

@@ -13,12 +13,12 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import create_engine, event, func, select
+from sqlalchemy import create_engine, event, func, select, union
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from concepts.errors import NotFound
-from services.common.models import ConceptRow, JobEventRow, JobRow, utcnow
+from services.common.models import BlobOwnerRow, ConceptRow, JobEventRow, JobRow, utcnow
 
 TERMINAL_STATES = ("succeeded", "failed", "cancelled")
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -34,6 +34,7 @@ class Registry:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._changed = threading.Condition()
+        self.watchers_released = False
 
     def migrate(self) -> None:
         """Bring the schema to the newest alembic revision."""
@@ -122,8 +123,38 @@ class Registry:
             s.flush()
             digests = {r.digest for r in rows}
             still_used = set(s.scalars(select(ConceptRow.digest).where(ConceptRow.digest.in_(digests))))
+            still_used |= set(s.scalars(select(BlobOwnerRow.digest).where(BlobOwnerRow.digest.in_(digests))))
             s.commit()
         return rows, sorted(digests - still_used)
+
+    # Blob ownership ------------------------------------------------------------------------------
+
+    def own_blobs(self, tenant: str, blobs: dict[str, int]) -> None:
+        """Record that `tenant` owns these blobs (digest -> size in bytes); owning one twice is a no-op."""
+        for digest, size in blobs.items():
+            with self._session() as s:
+                if s.get(BlobOwnerRow, (tenant, digest)) is not None:
+                    continue
+                s.add(BlobOwnerRow(tenant=tenant, digest=digest, size_bytes=size))
+                try:
+                    s.commit()
+                except IntegrityError:  # a concurrent request of the same tenant recorded it first
+                    s.rollback()
+
+    def owns_blob(self, tenant: str, digest: str) -> bool:
+        """Whether `tenant` sent this blob or has a concept whose artifact it is."""
+        with self._session() as s:
+            if s.get(BlobOwnerRow, (tenant, digest)) is not None:
+                return True
+            return s.scalar(select(ConceptRow.id).where(ConceptRow.tenant == tenant, ConceptRow.digest == digest)
+                            .limit(1)) is not None
+
+    def stored_bytes(self, tenant: str) -> int:
+        """Bytes of every distinct blob the tenant owns: training images and concept artifacts."""
+        owned = union(select(BlobOwnerRow.digest, BlobOwnerRow.size_bytes).where(BlobOwnerRow.tenant == tenant),
+                      select(ConceptRow.digest, ConceptRow.size_bytes).where(ConceptRow.tenant == tenant)).subquery()
+        with self._session() as s:
+            return int(s.scalar(select(func.coalesce(func.sum(owned.c.size_bytes), 0))) or 0)
 
     # Jobs ----------------------------------------------------------------------------------------
 
@@ -169,6 +200,12 @@ class Registry:
                 query = query.where(JobRow.state == state)
             return list(s.scalars(query.order_by(JobRow.created_at, JobRow.id).offset(offset).limit(limit)))
 
+    def count_unfinished_jobs(self, tenant: str, kinds: tuple[str, ...]) -> int:
+        """The tenant's queued and running jobs of these kinds."""
+        with self._session() as s:
+            return s.scalar(select(func.count()).select_from(JobRow).where(
+                JobRow.tenant == tenant, JobRow.kind.in_(kinds), JobRow.state.not_in(TERMINAL_STATES))) or 0
+
     def unfinished_jobs(self, kind: str) -> list[JobRow]:
         """Jobs of every tenant that are queued or running (what a restarted service must pick up)."""
         with self._session() as s:
@@ -211,6 +248,11 @@ class Registry:
         """Block until any job changes in this process, or `timeout` seconds pass."""
         with self._changed:
             self._changed.wait(timeout)
+
+    def release_watchers(self) -> None:
+        """Wake every watcher for good: the server is shutting down and its Watch streams must end."""
+        self.watchers_released = True
+        self._notify()
 
     def _notify(self) -> None:
         with self._changed:

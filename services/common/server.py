@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import os
 import signal
-import threading
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +16,10 @@ from grpc_reflection.v1alpha import reflection
 
 from concepts.errors import InvalidArgument
 from services.common.interceptors import AuthInterceptor, ErrorInterceptor
+from services.common.limits import ConcurrencyLimitInterceptor
 from services.common.settings import Settings
 
+LIVENESS = "liveness"
 
 
 @dataclass(frozen=True)
@@ -55,11 +57,15 @@ def build_server(settings: Settings, services: list[Service], port: int) -> tupl
     """
     limits = [("grpc.max_receive_message_length", settings.max_message_bytes),
               ("grpc.max_send_message_length", settings.max_message_bytes)]
+    # Each kind of RPC has its own bound and the pool holds them all plus a reserve: health checks
+    # always find a thread (services/common/limits.py). Past the pool, health checks would queue.
+    workers = settings.rpc_limits.workers
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="grpc"),
-        interceptors=[AuthInterceptor(load_api_keys(settings)), ErrorInterceptor()],
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
+        interceptors=[AuthInterceptor(load_api_keys(settings)), ConcurrencyLimitInterceptor(settings.rpc_limits),
+                      ErrorInterceptor()],
         options=limits,
-        maximum_concurrent_rpcs=256,
+        maximum_concurrent_rpcs=2 * workers,
     )
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -67,6 +73,9 @@ def build_server(settings: Settings, services: list[Service], port: int) -> tupl
         service.add_to_server(service.servicer, server)
         health_servicer.set(service.name, health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    # The process is alive and answering: SERVING until shutdown, even while a dependency (Triton) is
+    # down and "" says NOT_SERVING. Kubernetes' liveness probe asks for it; readiness asks for "".
+    health_servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection([s.name for s in services] + [reflection.SERVICE_NAME], server)
     address = f"{settings.host}:{port}"
     if settings.tls_cert_file:
@@ -78,9 +87,21 @@ def build_server(settings: Settings, services: list[Service], port: int) -> tupl
     return server, bound, health_servicer
 
 
-def wait_for_signal() -> None:
-    """Block until SIGTERM or SIGINT."""
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+class StopSignals:
+    """SIGTERM or SIGINT, caught from the moment this is made; `wait()` blocks until one has come.
+
+    Make it before anything announces readiness: a signal that arrives in between would otherwise kill
+    the process with the default action, skipping the drain. The handler does nothing but let Python
+    write to a wakeup pipe that `wait()` reads: a handler that set a `threading.Event` could deadlock on
+    the event's lock when the signal lands while the main thread holds it inside `Event.wait()`.
+    """
+
+    def __init__(self) -> None:
+        self._read, write = os.pipe()
+        os.set_blocking(write, False)
+        signal.set_wakeup_fd(write)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: None)
+
+    def wait(self) -> None:
+        os.read(self._read, 1)

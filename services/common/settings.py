@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from concepts.errors import InvalidArgument
+from services.common.limits import RpcLimits
 
 LAUNCHERS = ("local", "kubernetes")
 
@@ -90,6 +91,42 @@ class KubernetesSettings:
 
 
 @dataclass(frozen=True)
+class QuotaLimits:
+    """What one tenant may use; 0 means unlimited."""
+
+    # Generate calls of the tenant in flight at once, per inference replica.
+    concurrent_generations: int = 8
+    # Training jobs of the tenant queued or running at once.
+    training_jobs: int = 4
+    # GPUs one training job may ask for: gpus_per_node x nodes.
+    gpus_per_job: int = 8
+    # Bytes of the store the tenant owns: training images it sent plus its concept artifacts.
+    stored_bytes: int = 10 * 1024**3
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InvalidArgument(f"quotas.{f.name}", f"must be an integer >= 0 (0 = unlimited), got {value!r}")
+
+
+@dataclass(frozen=True)
+class Quotas:
+    """Every tenant's quotas: `default`, with per-tenant overrides of some keys in `tenants`."""
+
+    default: QuotaLimits = field(default_factory=QuotaLimits)
+    tenants: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for tenant in self.tenants:
+            self.for_tenant(tenant)  # unknown keys and bad values fail at load time, not on first use
+
+    def for_tenant(self, tenant: str) -> QuotaLimits:
+        overrides = self.tenants.get(tenant) or {}
+        return _from_dict(QuotaLimits, {**dataclasses.asdict(self.default), **overrides}, f"quotas.tenants.{tenant}")
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the three services and `customdiff serve` need."""
 
@@ -118,6 +155,15 @@ class Settings:
     max_message_bytes: int = 64 * 1024 * 1024
     max_images_per_concept: int = 64
     max_image_bytes: int = 16 * 1024 * 1024
+    # Largest training image in pixels (width x height), checked from the header before decoding.
+    max_image_pixels: int = 4096 * 4096
+    # Threads that decode uploaded images, per trainer replica: decoding never runs on RPC threads.
+    image_decode_workers: int = 2
+    # In-flight RPCs per kind on each server (see services/common/limits.py).
+    rpc_limits: RpcLimits = field(default_factory=RpcLimits)
+    quotas: Quotas = field(default_factory=Quotas)
+    # On SIGTERM: seconds in-flight Generates may take to finish before they are cancelled.
+    shutdown_grace_s: float = 25.0
     kubernetes: KubernetesSettings = field(default_factory=KubernetesSettings)
 
     def __post_init__(self) -> None:
@@ -129,6 +175,12 @@ class Settings:
                 raise InvalidArgument(name, f"must be a TCP port (0-65535), got {port}")
         if self.max_concurrent_jobs < 1:
             raise InvalidArgument("max_concurrent_jobs", f"must be >= 1, got {self.max_concurrent_jobs}")
+        if self.max_image_pixels < 64 * 64:
+            raise InvalidArgument("max_image_pixels", f"must be >= 4096 (64x64), got {self.max_image_pixels}")
+        if not 1 <= self.image_decode_workers <= 64:
+            raise InvalidArgument("image_decode_workers", f"must be in 1..64, got {self.image_decode_workers}")
+        if not 0 <= self.shutdown_grace_s <= 3600:
+            raise InvalidArgument("shutdown_grace_s", f"must be in 0..3600 seconds, got {self.shutdown_grace_s}")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise InvalidArgument("tls_cert_file", "TLS needs both tls_cert_file and tls_key_file")
 

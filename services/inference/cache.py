@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from concepts.artifact import Concept, LinearDelta, check_digest, concept_from_bytes
+from concepts.artifact import Concept, LinearDelta, check_digest
 from concepts.store import ArtifactStore
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ class ConceptCache:
                 self.stats.host_hits += 1
                 self.stats.host_bytes -= demoted.nbytes
         if demoted is None:
-            concept = concept_from_bytes(self.store.get(digest), source=self.store.path(digest))
+            concept = self.store.get_registered_concept(digest)
             self.validate(digest, concept)
             concept = concept_to(concept, self.device, self.dtype)
         else:

@@ -8,13 +8,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from concepts.artifact import check_digest
-from concepts.errors import InvalidArgument
+from concepts.errors import InvalidArgument, quote
 
 SCHEDULERS = ("", "ddim", "dpm_solver_multistep", "euler")  # "" = the base model's own scheduler
 MAX_SIDE = 2048
 MAX_IMAGES = 8
 MAX_STEPS = 150
 MAX_GUIDANCE = 30.0
+MAX_PROMPT_CHARS = 4000
 MAX_SEED = 2**63 - 1
 
 
@@ -51,10 +52,13 @@ class GenerationRequest:
     scheduler: str = ""
 
     def __post_init__(self) -> None:
-        _check_type("prompt", self.prompt, str)
-        _check_type("negative_prompt", self.negative_prompt, str)
+        for name in ("prompt", "negative_prompt"):
+            _check_type(name, getattr(self, name), str)
+            if len(getattr(self, name)) > MAX_PROMPT_CHARS:
+                raise InvalidArgument(name, f"at most {MAX_PROMPT_CHARS} characters (the text encoder reads "
+                                            f"77 tokens), got {len(getattr(self, name))}")
         if isinstance(self.concept_digests, (str, bytes)) or not isinstance(self.concept_digests, (tuple, list)):
-            raise InvalidArgument("concept_digests", f"expected a sequence of digests, got {self.concept_digests!r}")
+            raise InvalidArgument("concept_digests", f"expected a sequence of digests, got {quote(self.concept_digests)}")
         digests = tuple(check_digest(str(d), f"concept_digests[{i}]") for i, d in enumerate(self.concept_digests))
         if len(set(digests)) != len(digests):
             raise InvalidArgument("concept_digests", f"a concept is named twice: {list(self.concept_digests)}")
@@ -63,7 +67,7 @@ class GenerationRequest:
         _check_int("num_inference_steps", self.num_inference_steps, 1, MAX_STEPS)
         _check_type("guidance_scale", self.guidance_scale, (int, float))
         if not (math.isfinite(self.guidance_scale) and 0.0 <= self.guidance_scale <= MAX_GUIDANCE):
-            raise InvalidArgument("guidance_scale", f"must be within [0, {MAX_GUIDANCE:g}], got {self.guidance_scale!r}")
+            raise InvalidArgument("guidance_scale", f"must be within [0, {MAX_GUIDANCE:g}], got {quote(self.guidance_scale)}")
         object.__setattr__(self, "guidance_scale", float(self.guidance_scale))
         _check_int("seed", self.seed, 0, MAX_SEED - (self.num_images - 1))
         for name in ("height", "width"):
@@ -72,7 +76,7 @@ class GenerationRequest:
             if value % 8:
                 raise InvalidArgument(name, f"must be a multiple of 8 (or 0 for the base's size), got {value}")
         if self.scheduler not in SCHEDULERS:
-            raise InvalidArgument("scheduler", f"must be one of {list(SCHEDULERS)}, got {self.scheduler!r}")
+            raise InvalidArgument("scheduler", f"must be one of {list(SCHEDULERS)}, got {quote(self.scheduler)}")
 
     @property
     def do_guidance(self) -> bool:
@@ -106,7 +110,7 @@ class GenerationRequest:
 
 def _check_type(name: str, value: object, types: type | tuple[type, ...]) -> None:
     if isinstance(value, bool) or not isinstance(value, types):
-        raise InvalidArgument(name, f"wrong type {type(value).__name__}: {value!r}")
+        raise InvalidArgument(name, f"wrong type {type(value).__name__}: {quote(value)}")
 
 
 def _check_int(name: str, value: object, low: int, high: int) -> None:

@@ -11,6 +11,7 @@ from customdiffusion.v1 import inference_service_pb2_grpc
 from concepts.errors import DeadlineExceeded
 from services.common.concept_servicer import check_ref
 from services.common.interceptors import current_tenant
+from services.common.quotas import TenantQuotas
 from services.common.registry import Registry
 from services.common.server import Service
 from services.common.settings import Settings
@@ -23,9 +24,10 @@ DEFAULT_TIMEOUT_S = 300.0
 
 
 class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, settings: Settings, registry: Registry) -> None:
+    def __init__(self, settings: Settings, registry: Registry, quotas: TenantQuotas) -> None:
         self.settings = settings
         self.registry = registry
+        self.quotas = quotas
 
     def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
         # 1. Validate every field before any lookup (GenerationRequest names the field on error).
@@ -52,14 +54,15 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         timeout = DEFAULT_TIMEOUT_S if remaining is None else remaining - 0.05
         if timeout <= 0:
             raise DeadlineExceeded("the request's deadline passed before generation could start")
-        pngs = generate_via_triton(self.settings.triton_url, self.settings.triton_model, generation, timeout)
+        with self.quotas.generation(tenant):
+            pngs = generate_via_triton(self.settings.triton_url, self.settings.triton_model, generation, timeout)
         return pb.GenerateResponse(
             images=[pb.GeneratedImage(png=png, seed=seed + i) for i, png in enumerate(pngs)],
             concept_digests=list(digests),
         )
 
 
-def inference_service(settings: Settings, registry: Registry) -> Service:
+def inference_service(settings: Settings, registry: Registry, quotas: TenantQuotas) -> Service:
     return Service(inference_service_pb2_grpc.add_InferenceServiceServicer_to_server,
-                   InferenceServicer(settings, registry),
+                   InferenceServicer(settings, registry, quotas),
                    pb.DESCRIPTOR.services_by_name["InferenceService"].full_name)

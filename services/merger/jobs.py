@@ -82,7 +82,7 @@ class MergerJobs:
         domain = row.request["_domain"]
         try:
             inputs = [self.registry.get_concept_by_id(i) for i in domain["input_ids"]]
-            concepts = [self.store.get_concept(r.digest) for r in inputs]
+            concepts = [self.store.get_registered_concept(r.digest) for r in inputs]
             if row.kind == "merge":
                 result, report = merge_concepts(self.base(), concepts, captions=domain.get("captions"),
                                                 ridge=domain.get("ridge"),

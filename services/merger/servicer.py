@@ -6,7 +6,7 @@ import math
 
 from google.protobuf import json_format
 
-from concepts.errors import InvalidArgument
+from concepts.errors import InvalidArgument, quote
 from customdiffusion.v1 import merger_service_pb2 as pb
 from customdiffusion.v1 import merger_service_pb2_grpc
 from services.common.concept_servicer import check_ref
@@ -14,6 +14,7 @@ from services.common.convert import (PROTO_TO_STATE, STATE_TO_PROTO, check_name,
                                      next_page_token, page, timestamp)
 from services.common.interceptors import current_tenant
 from services.common.jobs import watch_job
+from services.common.quotas import TenantQuotas
 from services.common.registry import Registry
 from services.common.server import Service
 from services.merger.jobs import CompressRequest, MergeRequest, MergerJobs
@@ -25,9 +26,10 @@ MAX_CAPTIONS = 10_000
 
 
 class MergerServicer(merger_service_pb2_grpc.MergerServiceServicer):
-    def __init__(self, registry: Registry, jobs: MergerJobs) -> None:
+    def __init__(self, registry: Registry, jobs: MergerJobs, quotas: TenantQuotas) -> None:
         self.registry = registry
         self.jobs = jobs
+        self.quotas = quotas
 
     def MergeConcepts(self, request: pb.MergeConceptsRequest, context) -> pb.MergeConceptsResponse:
         tenant = current_tenant()
@@ -45,7 +47,8 @@ class MergerServicer(merger_service_pb2_grpc.MergerServiceServicer):
             if not caption.strip():
                 raise InvalidArgument(f"regularization_captions[{i}]", "must not be empty")
         _check_request_id(request.request_id)
-        rows = [self.registry.get_concept(tenant, r.name, r.version) for r in refs]
+        rows = [self._with_artifact(self.registry.get_concept(tenant, r.name, r.version)) for r in refs]
+        self.quotas.check_storage(tenant, max(r.size_bytes for r in rows))  # the result is about one input's size
         domain = MergeRequest(name, request.request_id, [r.id for r in rows], request.ridge or None,
                               list(request.regularization_captions) or None, request.context_captions)
         row, _ = self.jobs.submit(tenant, "merge", domain, _summary(request))
@@ -66,7 +69,8 @@ class MergerServicer(merger_service_pb2_grpc.MergerServiceServicer):
             raise InvalidArgument("dtype", f"unknown factor dtype {request.dtype}")
         name = check_name(request.concept_name or ref.name, "concept_name")
         _check_request_id(request.request_id)
-        row = self.registry.get_concept(tenant, ref.name, ref.version)
+        row = self._with_artifact(self.registry.get_concept(tenant, ref.name, ref.version))
+        self.quotas.check_storage(tenant, row.size_bytes)  # at most the input's size
         domain = CompressRequest(name, request.request_id, [row.id], {which: value}, DTYPES[request.dtype])
         job, _ = self.jobs.submit(tenant, "compress", domain, _summary(request))
         return pb.CompressConceptResponse(merger_job=self._job(job))
@@ -91,10 +95,16 @@ class MergerServicer(merger_service_pb2_grpc.MergerServiceServicer):
         for snapshot, _ in watch_job(self.registry, row.id, current_tenant(), row.kind, context):
             yield pb.WatchMergerJobResponse(merger_job=self._job(snapshot))
 
+    def _with_artifact(self, row):
+        """The concept row, or DATA_LOSS when the store lost its artifact (checked before a job is queued)."""
+        if not self.jobs.store.exists(row.digest):
+            self.jobs.store.get_registered_concept(row.digest)  # raises CorruptArtifact, logging the store
+        return row
+
     def _get(self, name: str):
         job_id = name.removeprefix("mergerJobs/")
         if len(job_id) != 32 or any(c not in "0123456789abcdef" for c in job_id):
-            raise InvalidArgument("name", f"expected mergerJobs/<32 hex characters>, got {name!r}")
+            raise InvalidArgument("name", f"expected mergerJobs/<32 hex characters>, got {quote(name)}")
         row = self.registry.get_job(job_id, current_tenant())
         if row.kind not in KINDS:
             raise InvalidArgument("name", f"{name} is not a merger job")
@@ -126,6 +136,6 @@ def _summary(request) -> dict:
     return d
 
 
-def merger_service(registry: Registry, jobs: MergerJobs) -> Service:
-    return Service(merger_service_pb2_grpc.add_MergerServiceServicer_to_server, MergerServicer(registry, jobs),
+def merger_service(registry: Registry, jobs: MergerJobs, quotas: TenantQuotas) -> Service:
+    return Service(merger_service_pb2_grpc.add_MergerServiceServicer_to_server, MergerServicer(registry, jobs, quotas),
                    pb.DESCRIPTOR.services_by_name["MergerService"].full_name)

@@ -2,31 +2,42 @@
 
 Thread model: RPC threads call `create`/`cancel`; the launcher calls `_on_launch_event` from its own
 threads; one follower thread tails every running job's `progress.jsonl` into the registry.
+
+A training process that dies without a result and without reporting an error of its own (a signal,
+the OOM killer, the host or the service going down with it) is resumed from the checkpoint in its
+work directory, at most MAX_RESUMES times per job (counted in `<work_dir>/resumes`); the trainer
+continues bit-exactly from the checkpoint's step. Launchers that rerun dead processes themselves
+(Kubernetes: the Job's backoffLimit) are left to do so.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
 import shutil
 import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from concepts.errors import InvalidArgument, NotFound
+from concepts.errors import InvalidArgument, NotFound, Unavailable
 from concepts.store import ArtifactStore
+from services.common.quotas import TenantQuotas
 from services.common.registry import TERMINAL_STATES, Registry
 from services.common.settings import Settings
-from services.trainer.launcher import JobLauncher, LaunchEvent, LaunchRequest, LaunchState
+from services.trainer.launcher import JobLauncher, LaunchEvent, LaunchRequest, LaunchState, reported_its_end
 
 log = logging.getLogger(__name__)
 KIND = "training"
 FOLLOW_INTERVAL_S = 0.5
+MAX_RESUMES = 3
+RESUMES_FILE = "resumes"
 
 
 @dataclass(frozen=True)
@@ -61,12 +72,16 @@ class TrainingRequest:
 
 class TrainingJobs:
     def __init__(self, settings: Settings, registry: Registry, store: ArtifactStore, launcher: JobLauncher,
-                 base_model: str) -> None:
+                 base_model: str, quotas: TenantQuotas) -> None:
         self.settings = settings
         self.registry = registry
         self.store = store
         self.launcher = launcher
         self.base_model = base_model
+        self.quotas = quotas
+        # Decoding uploads costs CPU and memory per pixel: a few at a time, never on the RPC threads.
+        self._decoder = ThreadPoolExecutor(settings.image_decode_workers, thread_name_prefix="image-decode")
+        self._admit = threading.Lock()  # quota check and job record, one request at a time per replica
         self.work_root = Path(settings.work_dir)
         self.work_root.mkdir(parents=True, exist_ok=True)
         self._offsets: dict[str, int] = {}
@@ -78,34 +93,41 @@ class TrainingJobs:
 
     def create(self, tenant: str, request: TrainingRequest) -> tuple[Any, bool]:
         """Validate everything, then record and launch; the same request_id returns the first job."""
-        from trainer.spec import JobSpec, check_inputs
+        from trainer.spec import JobSpec
 
         if request.request_id:
             existing = self.registry.job_by_request_id(tenant, KIND, request.request_id)
             if existing is not None:
                 return existing, False
-        # 1. Write the images where the job will read them and validate the whole spec, before anything
-        #    durable is recorded; on any failure the directory goes away again.
+        blobs = {hashlib.sha256(b.data).hexdigest(): b.data for group in request.images + request.class_images
+                 for b in group}
+        # 1. Quotas before anything is written.
+        self.quotas.check_training_jobs(tenant)
+        self.quotas.check_storage(tenant, sum(len(d) for k, d in blobs.items() if not self.registry.owns_blob(tenant, k)))
+        # 2. Write the images where the job will read them and validate the whole spec (decoding every
+        #    image in the bounded pool), before anything durable is recorded; on failure the directory goes.
         job_id = uuid.uuid4().hex
         work = self.work_root / job_id
         try:
             spec_dict = self._materialize(request, work)
             spec_dict["provenance"] = {"kind": "training", "job": f"trainingJobs/{job_id}"}
             spec = JobSpec.from_dict(spec_dict)
-            check_inputs(spec)
-            # 2. Record the job (idempotent on request_id); a concurrent twin may have won.
-            row, created = self.registry.create_job(tenant, KIND, request.request_id, request.concept_name,
-                                                    request.request_json, job_id=job_id, work_dir=str(work))
+            self._decoder.submit(_check_inputs, spec).result()
+            # 3. Record the job (idempotent on request_id); a concurrent twin may have won.
+            with self._admit:
+                self.quotas.check_training_jobs(tenant)
+                row, created = self.registry.create_job(tenant, KIND, request.request_id, request.concept_name,
+                                                        request.request_json, job_id=job_id, work_dir=str(work))
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
         if not created:
             shutil.rmtree(work, ignore_errors=True)
             return row, False
-        # 3. Keep the inputs, write the spec, launch.
-        for blobs in request.images + request.class_images:
-            for blob in blobs:
-                self.store.put(blob.data)
+        # 4. Keep the inputs (the tenant owns them from now on), write the spec, launch.
+        for data in blobs.values():
+            self.store.put(data)
+        self.registry.own_blobs(tenant, {digest: len(data) for digest, data in blobs.items()})
         spec_path = work / "spec.json"
         launch = LaunchRequest(row.id, request.concept_name, str(spec_path), str(work), request.gpus_per_node,
                                request.nodes)
@@ -142,16 +164,57 @@ class TrainingJobs:
                 continue
             state, message = self.launcher.reattach(row.id, row.work_dir)
             if state is LaunchState.PENDING:
-                resources = json.loads((Path(row.work_dir) / "launch.json").read_text())
-                self.launcher.launch(LaunchRequest(row.id, row.concept_name, str(spec_path), row.work_dir,
-                                                   resources["gpus_per_node"], resources["nodes"]))
-            elif state.terminal:
+                self.launcher.launch(self._launch_request(row))
+            elif state.terminal:  # a FAILED process with a checkpoint is resumed there
                 self._on_launch_event(LaunchEvent(row.id, state, message))
             log.info("recovered job %s: %s", row.id, state.value)
 
     def close(self) -> None:
         self._stop.set()
+        self._decoder.shutdown(wait=False, cancel_futures=True)
         self.launcher.close()
+
+    @staticmethod
+    def _launch_request(row) -> LaunchRequest:
+        work = Path(row.work_dir)
+        resources = json.loads((work / "launch.json").read_text())
+        return LaunchRequest(row.id, row.concept_name, str(work / "spec.json"), row.work_dir,
+                             resources["gpus_per_node"], resources["nodes"])
+
+    def _resume(self, row, reason: str) -> str | None:
+        """Relaunch a job whose training process died, from its checkpoint.
+
+        Returns None when the job was relaunched, else the message to fail it with: `reason` as is when
+        there is nothing to resume, with the count added when the job has used up its resumes.
+        """
+        from trainer.checkpoint import checkpoint_step
+
+        if self.launcher.retries_itself or row.state in TERMINAL_STATES or not row.work_dir:
+            return reason
+        work = Path(row.work_dir)
+        if reported_its_end(work):  # the trainer gave up and said why: it would again
+            return reason
+        step = checkpoint_step(work)
+        if step is None:
+            return reason
+        done = _read_resumes(work)
+        if done >= MAX_RESUMES:
+            log.warning("job %s died again after %d resumes; failing it (work dir %s)", row.id, done, work)
+            return (f"{reason} (the process died {done + 1} times; it was resumed from its checkpoint "
+                    f"{done} times, the most allowed, last from step {step})")
+        tmp = work / f".{RESUMES_FILE}.tmp"
+        tmp.write_text(str(done + 1))
+        tmp.replace(work / RESUMES_FILE)
+        line = (f"resumed from the checkpoint at step {step} (resume {done + 1} of at most {MAX_RESUMES}): "
+                f"{reason}")
+        log.warning("job %s: %s (work dir %s)", row.id, line, work)
+        self.registry.update_job(row.id, log_line=line)
+        try:
+            self.launcher.launch(self._launch_request(row))
+        except Exception:  # noqa: BLE001 - the job must end with a reason, not hang in "running"
+            log.exception("job %s: relaunch from its checkpoint failed", row.id)
+            return f"{reason}; resuming it from its checkpoint failed (the service log has why)"
+        return None
 
     def _on_launch_event(self, event: LaunchEvent) -> None:
         try:
@@ -166,7 +229,9 @@ class TrainingJobs:
         elif event.state is LaunchState.SUCCEEDED:
             self._register_result(row)
         elif event.state is LaunchState.FAILED:
-            self.registry.update_job(row.id, state="failed", error_message=event.message, log_line=event.message)
+            message = self._resume(row, event.message)
+            if message is not None:
+                self.registry.update_job(row.id, state="failed", error_message=message, log_line=message)
         elif event.state is LaunchState.CANCELLED:
             self.registry.update_job(row.id, state="cancelled", log_line=event.message)
 
@@ -211,16 +276,33 @@ class TrainingJobs:
                 self.registry.update_job(row.id, progress=progress, log_line=line)
 
 
-def _write_image(blob: ImageBlob, stem: Path) -> str:
-    """Decode-check an uploaded image and write it as a file the trainer reads."""
+def _check_inputs(spec) -> None:
+    """The trainer's `check_inputs`; a problem with the server's own configuration is not the caller's."""
+    from trainer.spec import check_inputs
+
     try:
-        with Image.open(io.BytesIO(blob.data)) as img:
-            fmt = img.format
-            img.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise InvalidArgument(blob.field, f"not a readable PNG or JPEG image ({len(blob.data)} bytes): {e}") from e
-    if fmt not in ("PNG", "JPEG"):
-        raise InvalidArgument(blob.field, f"must be PNG or JPEG, got {fmt}")
+        check_inputs(spec)
+    except InvalidArgument as e:
+        if e.field.split(".")[0] in ("base_model", "store_url", "work_dir"):
+            log.error("the trainer's configuration is broken: %s", e)
+            raise Unavailable("the training service is misconfigured; operators: see the server log") from e
+        raise
+
+
+def _read_resumes(work: Path) -> int:
+    """How often the job was resumed; an unreadable counter counts as used up (better failed than looping)."""
+    try:
+        return int((work / RESUMES_FILE).read_text())
+    except FileNotFoundError:
+        return 0
+    except (OSError, ValueError):
+        return MAX_RESUMES
+
+
+def _write_image(blob: ImageBlob, stem: Path) -> str:
+    """Write an uploaded image (its header already checked) as a file the trainer reads."""
+    with Image.open(io.BytesIO(blob.data), formats=("PNG", "JPEG")) as img:
+        fmt = img.format
     path = stem.with_suffix(".png" if fmt == "PNG" else ".jpg")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(blob.data)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import math
+import re
 
 from google.protobuf import json_format
 
-from concepts.errors import InvalidArgument
+from concepts.artifact import check_digest
+from concepts.errors import CorruptArtifact, InvalidArgument, NotFound, quote
 from concepts.store import ArtifactStore
 from customdiffusion.v1 import resources_pb2
 from customdiffusion.v1 import trainer_service_pb2 as pb
@@ -15,9 +18,11 @@ from services.common.convert import (PROTO_TO_STATE, STATE_TO_PROTO, check_name,
                                      next_page_token, page, timestamp)
 from services.common.interceptors import current_tenant
 from services.common.jobs import watch_job
+from services.common.quotas import TenantQuotas
 from services.common.registry import Registry
 from services.common.server import Service
 from services.common.settings import Settings
+from services.trainer.images import check_image_header
 from services.trainer.jobs import KIND, ImageBlob, TrainingJobs, TrainingRequest
 
 TRAIN_MODES = {pb.TRAIN_MODE_CROSSATTN_KV: "crossattn_kv", pb.TRAIN_MODE_CROSSATTN: "crossattn"}
@@ -25,14 +30,20 @@ PRECISIONS = {pb.MIXED_PRECISION_NO: "no", pb.MIXED_PRECISION_FP16: "fp16", pb.M
 MAX_CONCEPTS = 8
 MAX_NODES = 64
 MAX_GPUS_PER_NODE = 16
+MAX_TEXT = 1000
+# New vocabulary words: "<" + letters, digits, "_" or "-" + ">" (docs/job-spec.md).
+MODIFIER_TOKEN = re.compile(r"<[A-Za-z0-9_-]{1,32}>")
+INITIALIZER_TOKEN = re.compile(r"[A-Za-z0-9_'-]{1,32}")
 
 
 class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
-    def __init__(self, settings: Settings, registry: Registry, store: ArtifactStore, jobs: TrainingJobs) -> None:
+    def __init__(self, settings: Settings, registry: Registry, store: ArtifactStore, jobs: TrainingJobs,
+                 quotas: TenantQuotas) -> None:
         self.settings = settings
         self.registry = registry
         self.store = store
         self.jobs = jobs
+        self.quotas = quotas
 
     def CreateTrainingJob(self, request: pb.CreateTrainingJobRequest, context) -> pb.CreateTrainingJobResponse:
         row, _ = self.jobs.create(current_tenant(), self._to_domain(request))
@@ -86,6 +97,7 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
         concept_name = check_name(request.concept_name or "+".join(names), "concept_name")
         if len(request.request_id) > 128:
             raise InvalidArgument("request_id", f"at most 128 characters, got {len(request.request_id)}")
+        tenant = current_tenant()
         resources = request.resources
         if not 0 <= resources.gpus_per_node <= MAX_GPUS_PER_NODE:
             raise InvalidArgument("resources.gpus_per_node",
@@ -96,8 +108,10 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
         if nodes > 1 and self.settings.launcher == "local":
             raise InvalidArgument("resources.nodes", "several nodes need the kubernetes launcher; "
                                                      "this server runs jobs locally")
+        hyperparameters = self._hyperparameters(request.hyperparameters)
         concepts, images, class_images = [], [], []
         for i, c in enumerate(request.concepts):
+            _check_texts(c, f"concepts[{i}]")
             if not c.class_prompt.strip():
                 raise InvalidArgument(f"concepts[{i}].class_prompt", "must name the concept's class, e.g. 'dog'")
             if not c.images:
@@ -105,16 +119,21 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
             if len(c.images) > self.settings.max_images_per_concept:
                 raise InvalidArgument(f"concepts[{i}].images", f"at most {self.settings.max_images_per_concept} "
                                                                f"images, got {len(c.images)}")
-            images.append([self._image(img, f"concepts[{i}].images[{j}]") for j, img in enumerate(c.images)])
-            class_images.append([self._image(img, f"concepts[{i}].class_images[{j}]")
+            if len(c.class_images) > self.settings.max_images_per_concept * 16:
+                raise InvalidArgument(f"concepts[{i}].class_images", f"at most {self.settings.max_images_per_concept * 16}"
+                                                                     f" class images, got {len(c.class_images)}")
+        # Cheap checks of every field first; only then read blobs and image headers.
+        self.quotas.check_job_size(tenant, max(resources.gpus_per_node, 0) * nodes)
+        for i, c in enumerate(request.concepts):
+            images.append([self._image(tenant, img, f"concepts[{i}].images[{j}]") for j, img in enumerate(c.images)])
+            class_images.append([self._image(tenant, img, f"concepts[{i}].class_images[{j}]")
                                  for j, img in enumerate(c.class_images)])
             concept = {"name": c.name, "class_prompt": c.class_prompt}
             for key in ("instance_prompt", "modifier_token", "initializer_token", "num_class_images"):
                 if getattr(c, key):
                     concept[key] = getattr(c, key)
             concepts.append(concept)
-        spec = {"concepts": concepts, "concept_name": concept_name,
-                "hyperparameters": self._hyperparameters(request.hyperparameters)}
+        spec = {"concepts": concepts, "concept_name": concept_name, "hyperparameters": hyperparameters}
         summary = json_format.MessageToDict(request)
         for c, blobs, class_blobs in zip(summary["concepts"], images, class_images):
             # keep digests, not megabytes of base64, in the registry
@@ -124,22 +143,37 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
         return TrainingRequest(concept_name, request.request_id, spec, images, class_images,
                                resources.gpus_per_node, nodes, summary)
 
-    def _image(self, image: pb.ImageInput, field: str) -> ImageBlob:
+    def _image(self, tenant: str, image: pb.ImageInput, field: str) -> ImageBlob:
         which = image.WhichOneof("source")
         if which is None:
             raise InvalidArgument(field, "set either data (PNG/JPEG bytes) or uri (sha256:<digest> in the store)")
-        if which == "uri":
-            data = self.store.get_uri(image.uri)
-        else:
-            data = image.data
+        if len(image.caption) > MAX_TEXT:
+            raise InvalidArgument(f"{field}.caption", f"at most {MAX_TEXT} characters, got {len(image.caption)}")
+        data = self._blob(tenant, image.uri, f"{field}.uri") if which == "uri" else image.data
         if len(data) > self.settings.max_image_bytes:
             raise InvalidArgument(field, f"image of {len(data)} bytes exceeds the limit of "
                                          f"{self.settings.max_image_bytes} bytes")
+        check_image_header(data, field, self.settings.max_image_pixels)
         return ImageBlob(data, field, image.caption)
+
+    def _blob(self, tenant: str, uri: str, field: str) -> bytes:
+        """A blob the tenant owns; anyone else's, or none, is the same NOT_FOUND, and nothing of it is read."""
+        if not uri.startswith("sha256:"):
+            raise InvalidArgument(field, f"expected sha256:<64 hex characters>, got {quote(uri)}")
+        digest = check_digest(uri, field)
+        if not self.registry.owns_blob(tenant, digest):
+            raise NotFound(f"{field}: no image sha256:{digest} among this tenant's uploads")
+        try:
+            return self.store.get(digest)
+        except NotFound as e:
+            raise CorruptArtifact(f"{field}: the image sha256:{digest} is missing from the store") from e
 
     @staticmethod
     def _hyperparameters(h: pb.Hyperparameters) -> dict:
         """Only the fields the caller set (non-zero); the trainer fills in documented defaults."""
+        for key in ("learning_rate", "prior_loss_weight"):
+            if not math.isfinite(getattr(h, key)):
+                raise InvalidArgument(f"hyperparameters.{key}", f"must be a finite number, got {getattr(h, key)}")
         out = {}
         for key in ("max_train_steps", "learning_rate", "train_batch_size", "gradient_accumulation_steps",
                     "resolution", "seed", "checkpointing_steps"):
@@ -164,14 +198,31 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
         return out
 
 
+def _check_texts(concept: pb.ConceptSpec, field: str) -> None:
+    """Lengths, control characters and the token patterns of a concept's text fields."""
+    for key in ("class_prompt", "instance_prompt", "modifier_token", "initializer_token"):
+        value = getattr(concept, key)
+        if len(value) > MAX_TEXT:
+            raise InvalidArgument(f"{field}.{key}", f"at most {MAX_TEXT} characters, got {len(value)}")
+        if any(ord(ch) < 32 for ch in value):
+            raise InvalidArgument(f"{field}.{key}", f"must not contain control characters, got {quote(value)}")
+    if concept.modifier_token and not MODIFIER_TOKEN.fullmatch(concept.modifier_token):
+        raise InvalidArgument(f"{field}.modifier_token", f"must match <[A-Za-z0-9_-]{{1,32}}>, e.g. <new1>, "
+                                                         f"got {quote(concept.modifier_token)}")
+    if concept.initializer_token and not INITIALIZER_TOKEN.fullmatch(concept.initializer_token):
+        raise InvalidArgument(f"{field}.initializer_token", f"must be one word of letters, digits, ' _ -, at most "
+                                                            f"32 characters, got {quote(concept.initializer_token)}")
+
+
 def _job_id(name: str) -> str:
     job_id = name.removeprefix("trainingJobs/")
     if not job_id or len(job_id) != 32 or any(c not in "0123456789abcdef" for c in job_id):
-        raise InvalidArgument("name", f"expected trainingJobs/<32 hex characters>, got {name!r}")
+        raise InvalidArgument("name", f"expected trainingJobs/<32 hex characters>, got {quote(name)}")
     return job_id
 
 
-def trainer_service(settings: Settings, registry: Registry, store: ArtifactStore, jobs: TrainingJobs) -> Service:
+def trainer_service(settings: Settings, registry: Registry, store: ArtifactStore, jobs: TrainingJobs,
+                    quotas: TenantQuotas) -> Service:
     return Service(trainer_service_pb2_grpc.add_TrainerServiceServicer_to_server,
-                   TrainerServicer(settings, registry, store, jobs),
+                   TrainerServicer(settings, registry, store, jobs, quotas),
                    pb.DESCRIPTOR.services_by_name["TrainerService"].full_name)

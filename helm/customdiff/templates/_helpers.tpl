@@ -108,6 +108,16 @@ launcher: {{ .Values.trainer.launcher }}
 max_message_bytes: {{ int64 .Values.config.maxMessageBytes }}
 max_images_per_concept: {{ .Values.config.maxImagesPerConcept }}
 max_image_bytes: {{ int64 .Values.config.maxImageBytes }}
+max_image_pixels: {{ int64 .Values.config.maxImagePixels }}
+shutdown_grace_s: {{ .Values.config.shutdownGraceSeconds }}
+rpc_limits: {{ toJson .Values.config.rpcLimits }}
+quotas:
+  default: {{ include "customdiff.quota" .Values.config.quotas.default }}
+  tenants:
+    {{- range $tenant, $quota := .Values.config.quotas.tenants }}
+    {{ $tenant | quote }}: {{ include "customdiff.quota" $quota }}
+    {{- else }} {}
+    {{- end }}
 kubernetes:
   namespace: {{ .Release.Namespace | quote }}
   instance: {{ .Release.Name | quote }}
@@ -196,4 +206,13 @@ kubernetes:
 {{- if $errors }}
 {{- fail (printf "\ninvalid values:\n- %s" (join "\n- " $errors)) }}
 {{- end }}
+{{- end }}
+
+{{/* One tenant's quota values (camelCase) as the config's snake_case keys, in one JSON line. */}}
+{{- define "customdiff.quota" -}}
+{{- $out := dict }}
+{{- range $key, $value := . }}
+{{- $_ := set $out ($key | snakecase) (int64 $value) }}
+{{- end }}
+{{- toJson $out }}
 {{- end }}
