@@ -45,8 +45,8 @@ from concepts.artifact import Concept, LinearDelta, concept_from_bytes
 from concepts.base import BaseModel, kv_layers, load_base
 from concepts.store import ArtifactStore
 from concepts.tiny import create_tiny_base
-from services.inference.engine import Engine
-from services.inference.request import GenerationRequest
+from engine.engine import Engine
+from engine.request import GenerationRequest
 
 N = 8
 RANK = 4
@@ -196,7 +196,7 @@ def via_triton(base_dir: Path, store: ArtifactStore, base: BaseModel, digests: l
 def onnx_vs_torch(engine: Engine, base_dir: Path, store_url: str, digests: list[str], steps: int, rounds: int,
                   device: str, clock: Callable[[], float] = time.perf_counter) -> float:
     """`engine`'s time for the mixed-concept requests / its time with the exported UNet in onnxruntime."""
-    from services.inference.onnx_export import export_onnx
+    from engine.onnx_export import export_onnx
 
     with tempfile.TemporaryDirectory() as tmp:
         export_onnx(base_dir, tmp)

@@ -10,7 +10,7 @@ import torch
 from concepts.artifact import Concept, LinearDelta
 from concepts.errors import BaseMismatch, CorruptArtifact
 from concepts.store import ArtifactStore
-from services.inference.cache import ConceptCache
+from engine.cache import ConceptCache
 
 
 def small_concept(seed: int) -> Concept:

@@ -13,9 +13,9 @@ from concepts.base import load_base
 from concepts.errors import BaseMismatch, CorruptArtifact, InvalidArgument
 from concepts.store import ArtifactStore
 from customdiff.__main__ import main
-from services.inference.engine import Engine, make_scheduler
-from services.inference.kv import compute_kv
-from services.inference.request import GenerationRequest
+from engine.engine import Engine, make_scheduler
+from engine.kv import compute_kv
+from engine.request import GenerationRequest
 from tests.conftest import random_concept
 
 STEPS = 4

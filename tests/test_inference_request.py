@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from concepts.errors import CustomDiffError, FailedPrecondition, InvalidArgument, NotFound
-from services.inference.request import GenerationRequest
+from engine.request import GenerationRequest
 from services.inference.triton_protocol import ModelSettings, error_from_text, error_text
 
 DIGEST = "ab" * 32

@@ -18,8 +18,8 @@ from PIL import Image
 from concepts.base import load_base
 from concepts.errors import CorruptArtifact, DeadlineExceeded, InvalidArgument, Unavailable
 from concepts.store import ArtifactStore
-from services.inference.engine import Engine, to_png
-from services.inference.request import GenerationRequest
+from engine.engine import Engine, to_png
+from engine.request import GenerationRequest
 from services.inference.triton_client import generate_via_triton
 from services.inference.triton_protocol import MODEL_NAME, error_from_text
 from tests.conftest import random_concept

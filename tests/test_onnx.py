@@ -22,11 +22,11 @@ from concepts.base import load_base
 from concepts.errors import BaseMismatch, InvalidArgument
 from concepts.store import ArtifactStore
 from customdiff.__main__ import main
-from services.inference.engine import Engine, to_png
-from services.inference.kv import compute_kv, install_kv_processors
-from services.inference.onnx_export import graph_io
-from services.inference.onnx_pipeline import exported_engine
-from services.inference.onnx_unet import (
+from engine.engine import Engine, to_png
+from engine.kv import compute_kv, install_kv_processors
+from engine.onnx_export import graph_io
+from engine.onnx_pipeline import exported_engine
+from engine.onnx_unet import (
     GRAPH_FILE,
     TEXT_ENCODER,
     UNET,
@@ -37,7 +37,7 @@ from services.inference.onnx_unet import (
     pack_kv,
     unpack_kv,
 )
-from services.inference.request import GenerationRequest
+from engine.request import GenerationRequest
 from services.inference.triton_client import generate_via_triton
 from services.inference.triton_protocol import MODEL_NAME, ModelSettings
 from services.inference.triton_server import start_triton
@@ -250,7 +250,7 @@ STAND_IN = """
 import torch
 import triton_python_backend_utils as pb_utils
 from pathlib import Path
-from services.inference.onnx_unet import GRAPH_FILE, OrtModel
+from engine.onnx_unet import GRAPH_FILE, OrtModel
 
 
 class TritonPythonModel:

@@ -101,7 +101,7 @@ def test_eval_wiring_on_the_tiny_base(tiny_base, tmp_path):
     (training goes through `customdiff train`, tested with the trainer)."""
     from concepts.store import ArtifactStore
     from evals.toyworld import eval as toy
-    from services.inference.engine import Engine
+    from engine.engine import Engine
     from tests.conftest import random_concept
 
     store = ArtifactStore(str(tmp_path / "store"))

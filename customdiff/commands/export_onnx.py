@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from concepts.base import check_base_dir
-    from services.inference.onnx_export import OPSET, export_onnx
+    from engine.onnx_export import OPSET, export_onnx
 
     summary = export_onnx(check_base_dir(args.base_dir, "BASE_DIR"), args.out_dir, opset=args.opset or OPSET)
     print(json.dumps(summary))

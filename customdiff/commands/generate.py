@@ -29,8 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from services.inference.engine import Engine
-    from services.inference.request import GenerationRequest
+    from engine.engine import Engine
+    from engine.request import GenerationRequest
 
     request = GenerationRequest(
         prompt=args.prompt, negative_prompt=args.negative_prompt, concept_digests=tuple(args.concept),

@@ -109,7 +109,7 @@ def make_jobs(digests: dict[str, dict[str, tuple[str, ...]]]) -> list[Job]:
 def sample(engine, jobs: list[Job], config: EvalConfig, seed: int = 0) -> np.ndarray:
     """`config.seeds` images per job through the inference engine, mixed-concept batches: uint8
     [len(jobs), seeds, 64, 64, 3]; job j's image i uses seed ``seed + i`` whatever its variant."""
-    from services.inference.request import GenerationRequest
+    from engine.request import GenerationRequest
 
     requests = [GenerationRequest(prompt=j.prompt, concept_digests=j.digests, num_images=config.seeds,
                                   num_inference_steps=config.steps, guidance_scale=config.guidance, seed=seed)
@@ -179,7 +179,7 @@ def run(out: Path, base_dir: Path, config: EvalConfig) -> dict:
     """The whole evaluation; writes out/results.json and out/contact_sheet.png, returns the summary."""
     from concepts.base import load_base
     from concepts.store import ArtifactStore
-    from services.inference.engine import Engine
+    from engine.engine import Engine
 
     out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(out / "work", ignore_errors=True)  # a job directory left there would resume, not retrain

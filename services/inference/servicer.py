@@ -15,7 +15,7 @@ from services.common.quotas import TenantQuotas
 from services.common.registry import Registry
 from services.common.server import Service
 from services.common.settings import Settings
-from services.inference.request import GenerationRequest
+from engine.request import GenerationRequest
 from services.inference.triton_client import generate_via_triton
 
 SCHEDULERS = {pb.SCHEDULER_UNSPECIFIED: "", pb.SCHEDULER_DDIM: "ddim",

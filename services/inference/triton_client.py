@@ -13,7 +13,7 @@ import threading
 import numpy as np
 
 from concepts.errors import CustomDiffError, DeadlineExceeded, Unavailable
-from services.inference.request import GenerationRequest
+from engine.request import GenerationRequest
 from services.inference.triton_protocol import error_from_text
 
 log = logging.getLogger(__name__)

@@ -13,8 +13,8 @@ import logging
 import numpy as np
 
 from concepts.errors import CustomDiffError
-from services.inference.engine import Engine, to_png
-from services.inference.request import GenerationRequest
+from engine.engine import Engine, to_png
+from engine.request import GenerationRequest
 from services.inference.triton_protocol import error_text
 
 log = logging.getLogger("customdiff.triton")

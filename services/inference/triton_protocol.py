@@ -35,7 +35,7 @@ class ModelSettings:
         max_batch_images: most images in one UNet batch.
         dtype: compute dtype: float32, float16 or bfloat16.
         unet_backend: "torch", or "onnxruntime" for the UNet `customdiff export-onnx` wrote to `unet_onnx`
-            (checked by `services.inference.onnx_unet.onnx_unet` when the engine is built).
+            (checked by `engine.onnx_unet.onnx_unet` when the engine is built).
         unet_onnx: that export's directory, or its ``unet/1/model.onnx``.
     """
 

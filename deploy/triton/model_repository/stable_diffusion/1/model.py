@@ -17,7 +17,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from concepts.errors import CustomDiffError
-from services.inference.engine import Engine
+from engine.engine import Engine
 from services.inference.triton_model import respond
 from services.inference.triton_protocol import ModelSettings
 

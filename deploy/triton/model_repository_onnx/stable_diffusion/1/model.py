@@ -2,7 +2,7 @@
 
 Requests, parameters, outputs and errors are those of model_repository/stable_diffusion; the
 difference is where the graphs run: `run` below calls this repository's "unet", "text_encoder" and
-"vae_decoder" models (`services/inference/onnx_pipeline.py` wires them into the engine), while the
+"vae_decoder" models (`engine/onnx_pipeline.py` wires them into the engine), while the
 per-request concept math stays here. deploy/triton/README.md, "ONNX variant", documents it.
 """
 
@@ -20,8 +20,8 @@ from torch.utils import dlpack
 from concepts.base import load_base
 from concepts.errors import CustomDiffError, InvalidArgument, Unavailable
 from concepts.store import ArtifactStore
-from services.inference.onnx_pipeline import exported_engine
-from services.inference.onnx_unet import GRAPH_FILE, OUTPUTS, UNET, Run
+from engine.onnx_pipeline import exported_engine
+from engine.onnx_unet import GRAPH_FILE, OUTPUTS, UNET, Run
 from services.inference.triton_model import respond
 from services.inference.triton_protocol import ModelSettings
 

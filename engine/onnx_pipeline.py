@@ -18,8 +18,8 @@ from torch import nn
 
 from concepts.base import BaseModel
 from concepts.store import ArtifactStore
-from services.inference.engine import Engine
-from services.inference.onnx_unet import (
+from engine.engine import Engine
+from engine.onnx_unet import (
     TEXT_ENCODER,
     UNET,
     VAE_DECODER,

@@ -28,8 +28,8 @@ from torch import nn
 
 from concepts.base import load_base
 from concepts.errors import InvalidArgument
-from services.inference.kv import install_kv_processors, precomputed_kv
-from services.inference.onnx_unet import (
+from engine.kv import install_kv_processors, precomputed_kv
+from engine.onnx_unet import (
     GRAPH_FILE,
     META_FINGERPRINT,
     META_LAYOUT,

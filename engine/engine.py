@@ -22,11 +22,11 @@ from concepts.artifact import Concept
 from concepts.base import BaseModel, load_base
 from concepts.errors import CorruptArtifact, CustomDiffError, InvalidArgument
 from concepts.store import ArtifactStore
-from services.inference.cache import ConceptCache
-from services.inference.kv import compute_kv, expand_kv, install_kv_processors, precomputed_kv
-from services.inference.onnx_unet import KVUNet, onnx_unet
-from services.inference.request import GenerationRequest
-from services.inference.text import PromptEncoder, TokenizedPrompt
+from engine.cache import ConceptCache
+from engine.kv import compute_kv, expand_kv, install_kv_processors, precomputed_kv
+from engine.onnx_unet import KVUNet, onnx_unet
+from engine.request import GenerationRequest
+from engine.text import PromptEncoder, TokenizedPrompt
 
 log = logging.getLogger(__name__)
 
