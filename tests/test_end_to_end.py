@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from customdiff.client import Client
-from customdiff.commands.demo import CONCEPTS, photos
+from customdiff.commands.demo import inputs, photos
 from customdiff.local import start_serve
 from customdiffusion.v1 import resources_pb2
 from customdiffusion.v1 import trainer_service_pb2 as tpb
@@ -26,8 +26,9 @@ def client(tmp_path_factory, tiny_base_dir):
 
 
 def _train(client: Client, name: str):
-    concept = tpb.ConceptSpec(name=name, class_prompt=CONCEPTS[name].cls, num_class_images=1,
-                              images=[tpb.ImageInput(data=data) for data in photos(CONCEPTS[name])[:2]])
+    class_prompt = {c["name"]: c["class_prompt"] for c in inputs()["concepts"]}[name]
+    concept = tpb.ConceptSpec(name=name, class_prompt=class_prompt, num_class_images=1,
+                              images=[tpb.ImageInput(data=data) for data in photos(name)[:2]])
     events = []
     job = client.train([concept], hyperparameters=tpb.Hyperparameters(resolution=64, max_train_steps=4),
                        on_event=events.append)

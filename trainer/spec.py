@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from concepts.config import from_dict
 from concepts.errors import InvalidArgument
 
 # The reference's initializer words, then DreamBooth's "sks"; all are single CLIP tokens.
@@ -61,25 +62,6 @@ def _check_bool(name: str, value: Any) -> None:
         raise InvalidArgument(name, f"must be true or false, got {value!r}")
 
 
-def _build(cls, data: Any, where: str):
-    """Construct `cls` from a dict: unknown keys and missing required keys are named with their path."""
-    prefix = f"{where}." if where else ""
-    if not isinstance(data, dict):
-        raise InvalidArgument(where or "spec", f"must be a JSON object, got {type(data).__name__}")
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise InvalidArgument(prefix + unknown[0], f"unknown key(s) {unknown}; known keys: {sorted(known)}")
-    missing = [n for n, f in known.items() if n not in data
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise InvalidArgument(prefix + missing[0], "is required")
-    try:
-        return cls(**data)
-    except InvalidArgument as e:
-        raise InvalidArgument(prefix + e.field, e.description) from None
-
-
 @dataclass(frozen=True)
 class ClassImage:
     """A regularization image and its caption (empty: the concept's class prompt)."""
@@ -124,7 +106,7 @@ class ConceptSpec:
         images = []
         for i, item in enumerate(self.class_images):
             if isinstance(item, dict):
-                item = _build(ClassImage, item, f"class_images[{i}]")
+                item = from_dict(ClassImage, item, f"class_images[{i}]")
             if not isinstance(item, ClassImage):
                 raise InvalidArgument(f"class_images[{i}]", f"must be an object {{path, caption}}, got {item!r}")
             images.append(item)
@@ -147,7 +129,7 @@ class ConceptSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "concept") -> ConceptSpec:
-        return _build(cls, data, where)
+        return from_dict(cls, data, where)
 
 
 @dataclass(frozen=True)
@@ -226,7 +208,7 @@ class JobSpec:
         _check_unique("concepts", "name", [c.name for c in concepts])
         hp = self.hyperparameters
         if isinstance(hp, dict):
-            hp = _build(Hyperparameters, hp, "hyperparameters")
+            hp = from_dict(Hyperparameters, hp, "hyperparameters")
         if not isinstance(hp, Hyperparameters):
             raise InvalidArgument("hyperparameters", f"must be an object, got {hp!r}")
         if hp.max_train_steps is None:
@@ -255,7 +237,7 @@ class JobSpec:
         if isinstance(data, dict) and isinstance(data.get("concepts"), list):
             data = {**data, "concepts": [ConceptSpec.from_dict(c, f"concepts[{i}]") if isinstance(c, dict) else c
                                          for i, c in enumerate(data["concepts"])]}
-        return _build(cls, data, "")
+        return from_dict(cls, data, "")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON types, defaults filled in; `from_dict(to_dict())` gives an equal spec."""

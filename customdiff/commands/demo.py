@@ -5,6 +5,9 @@ pretrained base (`evals/toyworld/base`, docs/toyworld.md), trains two concepts i
 rendered photos, merges them, compresses the merge, generates each concept on backgrounds no photo
 showed (and the base with the class word alone, for comparison), and writes PNGs, a contact sheet and
 a summary into the output directory.
+
+Its inputs are files (`evals/toyworld/demo/`, written by `python -m evals.toyworld.demo_inputs`): the
+demo reads them and imports nothing of `evals`, so the CLI works where `evals` is not installed.
 """
 
 from __future__ import annotations
@@ -16,13 +19,28 @@ import shutil
 import time
 from pathlib import Path
 
-from evals.toyworld.world import CONCEPTS as TOY_CONCEPTS
-from evals.toyworld.world import ToyConcept
+from concepts.errors import FailedPrecondition
 
 API_KEY = "demo-key"
-# The toy world's two concepts: a known class with a look pretraining never showed on it.
-CONCEPTS: dict[str, ToyConcept] = {"two-tone-ring": TOY_CONCEPTS[0], "striped-square": TOY_CONCEPTS[1]}
-CONTEXT_CAPTIONS = 8  # the toy world's merge setting (docs/toyworld.md)
+TOYWORLD = Path(__file__).resolve().parents[2] / "evals" / "toyworld"
+INPUTS, BASE_DIR = TOYWORLD / "demo", TOYWORLD / "base"
+
+
+def inputs(directory: Path = INPUTS) -> dict:
+    """`demo.json`: the two concepts (name, class, token, prompts) and the world's training settings.
+
+    Raises:
+        FailedPrecondition: not a source checkout (the demo's files and the toy base are not here).
+    """
+    if not (directory / "demo.json").exists() or not (BASE_DIR / "model_index.json").exists():
+        raise FailedPrecondition(f"the demo needs a source checkout of customdiff: {directory} and {BASE_DIR} "
+                                 "are missing")
+    return json.loads((directory / "demo.json").read_text())
+
+
+def photos(name: str, kind: str = "photos", directory: Path = INPUTS) -> list[bytes]:
+    """The concept's PNGs: the user's 6 photos ("photos") or its regularization images ("class")."""
+    return [path.read_bytes() for path in sorted((directory / name / kind).glob("*.png"))]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,20 +51,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     demo.set_defaults(run=_run)
 
 
-def photos(concept: ToyConcept) -> list[bytes]:
-    """The user's photos of the concept: 6 PNGs (both sizes on black, white and gray)."""
-    from evals.toyworld.render import png_bytes, render
-    from evals.toyworld.variants import photo_scenes
-
-    return [png_bytes(render(scene)) for scene in photo_scenes(concept)]
-
-
 def _run(args: argparse.Namespace) -> int:
     from customdiff.client import Client
     from customdiff.local import start_serve
     from customdiffusion.v1 import trainer_service_pb2 as tpb
-    from evals.toyworld.sampling import BASE_DIR
 
+    demo = inputs()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, object] = {"times_s": {}, "concepts": {}}
@@ -57,7 +67,7 @@ def _run(args: argparse.Namespace) -> int:
     summary["times_s"]["start_stack"] = round(time.perf_counter() - t0, 1)
     client = Client(*(f"127.0.0.1:{ports[c]}" for c in ("trainer", "merger", "inference")), api_key=API_KEY)
     try:
-        _scenario(client, tpb, out, args.steps, summary)
+        _scenario(client, tpb, demo, out, args.steps, summary)
     finally:
         client.close()
         proc.terminate()
@@ -68,24 +78,23 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _scenario(client, tpb, out: Path, steps: int | None, summary: dict) -> None:
+def _scenario(client, tpb, demo: dict, out: Path, steps: int | None, summary: dict) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from evals.toyworld.render import png_bytes, render
-    from evals.toyworld.variants import HYPERPARAMETERS as hp
-    from evals.toyworld.variants import class_scenes, world_captions
-
-    steps = steps or hp.steps
+    hp = demo["training"]
+    steps = steps or hp["steps"]
+    concepts = {c["name"]: c for c in demo["concepts"]}
 
     # 2. Train both concepts at once, with live progress.
     def train(name: str):
-        toy = CONCEPTS[name]
+        c = concepts[name]
         concept = tpb.ConceptSpec(
-            name=name, class_prompt=toy.cls, modifier_token=toy.token, instance_prompt="a {token} {class_prompt}",
-            images=[tpb.ImageInput(data=data) for data in photos(toy)],
-            class_images=[tpb.ImageInput(data=png_bytes(render(s))) for s in class_scenes(toy, hp.class_images, hp.seed)])
-        hyper = tpb.Hyperparameters(resolution=64, max_train_steps=steps, learning_rate=hp.learning_rate,
-                                    train_batch_size=hp.batch_size, seed=hp.seed, disable_augmentation=True)
+            name=name, class_prompt=c["class_prompt"], modifier_token=c["modifier_token"],
+            instance_prompt=c["instance_prompt"], images=[tpb.ImageInput(data=d) for d in photos(name)],
+            class_images=[tpb.ImageInput(data=d) for d in photos(name, "class")])
+        hyper = tpb.Hyperparameters(resolution=hp["resolution"], max_train_steps=steps,
+                                    learning_rate=hp["learning_rate"], train_batch_size=hp["batch_size"],
+                                    seed=hp["seed"], disable_augmentation=not hp["augment"])
 
         def show(event):
             p = event.training_job.progress
@@ -99,11 +108,11 @@ def _scenario(client, tpb, out: Path, steps: int | None, summary: dict) -> None:
 
     print("training two concepts through TrainerService ...", flush=True)
     with ThreadPoolExecutor(2) as pool:
-        jobs = list(pool.map(train, CONCEPTS))
+        jobs = list(pool.map(train, concepts))
     # 3. Merge, then compress the merge (the paper's top 60%).
     t = time.perf_counter()
-    merged = client.merge(list(CONCEPTS), concept_name="ring-and-square", context_captions=CONTEXT_CAPTIONS,
-                          regularization_captions=world_captions())
+    merged = client.merge(list(concepts), concept_name="ring-and-square", context_captions=hp["context_captions"],
+                          regularization_captions=(INPUTS / "captions.txt").read_text().splitlines())
     summary["times_s"]["merge"] = round(time.perf_counter() - t, 1)
     t = time.perf_counter()
     compressed = client.compress("ring-and-square", fraction=0.6, concept_name="ring-and-square-top60")
@@ -115,10 +124,10 @@ def _scenario(client, tpb, out: Path, steps: int | None, summary: dict) -> None:
     summary["merge_report"] = {k: round(v, 6) for k, v in merged.report.summary.items()}
     # 4. Each concept (<new1> the ring, <new2> the square) on a background its photos never showed: alone,
     #    in the merge and in its compression; and the base with the class word alone.
-    prompts = [("base", [], toy.prompt("large", "navy", word="")) for toy in CONCEPTS.values()]
-    prompts += [(name, [name], toy.prompt("large", "navy")) for name, toy in CONCEPTS.items()]
+    prompts = [("base", [], c["base_prompt"]) for c in concepts.values()]
+    prompts += [(name, [name], c["prompt"]) for name, c in concepts.items()]
     for label, name in (("merged", "ring-and-square"), ("merged-top60", "ring-and-square-top60")):
-        prompts += [(label, [name], toy.prompt("large", "navy")) for toy in CONCEPTS.values()]
+        prompts += [(label, [name], c["prompt"]) for c in concepts.values()]
     images = []
     t = time.perf_counter()
     for label, names, prompt in prompts:

@@ -1,5 +1,6 @@
-"""The concepts each evaluated variant uses: trained with `customdiff train` from rendered photos, then
-merged, averaged and compressed with the merger.
+"""The concepts each evaluated variant uses: trained by the trainer library (`trainer.job.run_job`, what
+`customdiff train` and every training job run) from rendered photos, then merged, averaged and
+compressed with the merger.
 
 Custom Diffusion's hyperparameters for this world are chosen once here (`HYPERPARAMETERS`) and used
 for every concept, single or joint (docs/toyworld.md says why each differs from the reference's).
@@ -7,9 +8,6 @@ for every concept, single or joint (docs/toyworld.md says why each differs from 
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +21,7 @@ from evals.toyworld.world import PHOTO_BACKGROUNDS, SIZES, Scene, ToyConcept, pr
 
 @dataclass(frozen=True)
 class Hyperparameters:
-    """`customdiff train` options for this world; `steps` is per concept (joint training gets N x steps)."""
+    """Training settings for this world; `steps` is per concept (joint training gets N x steps)."""
 
     steps: int = 500
     learning_rate: float = 1e-4  # before the trainer's scaling by batch size (x2 with prior preservation)
@@ -35,12 +33,12 @@ class Hyperparameters:
         if self.steps < 1 or self.batch_size < 1 or self.class_images < 1:
             raise ValueError(f"steps, batch_size and class_images must be >= 1, got {self}")
 
-    def options(self, concepts: int) -> list[str]:
+    def spec(self, concepts: int) -> dict:
+        """The job spec's hyperparameters (docs/job-spec.md); the rest keep the trainer's defaults."""
         # No zoom augmentation: every object of this world is centred at one of two sizes, and a zoomed
         # view is a scene the world does not have. Horizontal flips stay (the concepts are symmetric).
-        return ["--steps", str(self.steps * concepts), "--lr", str(self.learning_rate), "--batch-size",
-                str(self.batch_size), "--resolution", "64", "--seed", str(self.seed), "--no-augment",
-                "--num-class-images", str(self.class_images)]
+        return {"max_train_steps": self.steps * concepts, "learning_rate": self.learning_rate,
+                "train_batch_size": self.batch_size, "resolution": 64, "seed": self.seed, "augment": False}
 
 
 HYPERPARAMETERS = Hyperparameters()
@@ -76,21 +74,23 @@ def write_class_images(concept: ToyConcept, n: int, seed: int, directory: Path) 
 
 def train_concepts(base_dir: Path, store_url: str, concepts: list[ToyConcept], work: Path,
                    hp: Hyperparameters = HYPERPARAMETERS) -> str:
-    """Train one concept, or several jointly, with `customdiff train`; return the artifact's digest."""
-    from customdiff.__main__ import main as customdiff
+    """Train one concept, or several jointly, as a training job does; return the artifact's digest."""
+    from trainer.job import run_job
+    from trainer.spec import JobSpec
 
-    args = ["train", "--base", str(base_dir), "--out", store_url, "--work-dir", str(work / "job"), *hp.options(len(concepts))]
+    specs = []
     for concept in concepts:
         key = concept.token.strip("<>")
-        args += ["--images", str(write_photos(concept, work / "photos" / key)), "--class-prompt", concept.cls,
-                 "--class-images", str(write_class_images(concept, hp.class_images, hp.seed, work / "class" / key)),
-                 "--token", concept.token, "--instance-prompt", "a {token} {class_prompt}", "--name", key]
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = customdiff(args)
-    if code != 0:
-        raise RuntimeError(f"customdiff train failed with exit code {code}: {out.getvalue()[-2000:]}")
-    return json.loads(out.getvalue().strip().splitlines()[-1])["digest"]
+        photos = write_photos(concept, work / "photos" / key)
+        classes = write_class_images(concept, hp.class_images, hp.seed, work / "class" / key)
+        specs.append({"name": key, "class_prompt": concept.cls, "modifier_token": concept.token,
+                      "instance_prompt": "a {token} {class_prompt}", "num_class_images": hp.class_images,
+                      "images": [str(p) for p in sorted(photos.glob("*.png"))],
+                      "class_images": [{"path": str(p)} for p in sorted(classes.glob("*.png"))]})
+    spec = JobSpec.from_dict({"base_model": str(base_dir), "store_url": store_url, "work_dir": str(work / "job"),
+                              "concepts": specs, "hyperparameters": hp.spec(len(concepts)),
+                              "provenance": {"source": "evals.toyworld"}})
+    return run_job(spec).digest
 
 
 def average_concepts(concepts: list[Concept]) -> Concept:

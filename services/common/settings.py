@@ -14,25 +14,11 @@ from typing import Any
 
 import yaml
 
+from concepts.config import from_dict
 from concepts.errors import InvalidArgument
 from services.common.limits import RpcLimits
 
 LAUNCHERS = ("local", "kubernetes")
-
-
-def _from_dict(cls, data: dict[str, Any], where: str):
-    """Build a frozen dataclass from a dict, rejecting unknown keys (nested dataclasses included)."""
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise InvalidArgument(where, f"unknown key(s) {unknown}; known: {sorted(known)}")
-    kwargs = {}
-    for key, value in data.items():
-        sub = known[key].default_factory if known[key].default_factory is not dataclasses.MISSING else None
-        if sub is not None and dataclasses.is_dataclass(sub):
-            value = _from_dict(sub, value or {}, f"{where}.{key}")
-        kwargs[key] = value
-    return cls(**kwargs)
 
 
 @dataclass(frozen=True)
@@ -123,7 +109,7 @@ class Quotas:
 
     def for_tenant(self, tenant: str) -> QuotaLimits:
         overrides = self.tenants.get(tenant) or {}
-        return _from_dict(QuotaLimits, {**dataclasses.asdict(self.default), **overrides}, f"quotas.tenants.{tenant}")
+        return from_dict(QuotaLimits, {**dataclasses.asdict(self.default), **overrides}, f"quotas.tenants.{tenant}")
 
 
 @dataclass(frozen=True)
@@ -186,7 +172,7 @@ class Settings:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Settings":
-        return _from_dict(cls, data, "config")
+        return from_dict(cls, data)
 
     @classmethod
     def load(cls, config_file: str | None = None, environ: dict[str, str] | None = None) -> "Settings":
