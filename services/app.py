@@ -55,10 +55,11 @@ def resolve_base_model(settings: Settings) -> str:
 
 
 def make_launcher(settings: Settings):
+    """The trainer's launcher: Kubernetes Jobs (`settings.kubernetes`), or local processes."""
     if settings.launcher == "kubernetes":
         from services.trainer.launchers.kubernetes import KubernetesJobLauncher
 
-        return KubernetesJobLauncher.from_settings(settings)
+        return KubernetesJobLauncher.from_settings(settings.kubernetes)
     from services.trainer.launchers.local import LocalProcessLauncher
 
     return LocalProcessLauncher(settings.max_concurrent_jobs)
@@ -83,10 +84,10 @@ def start_stack(settings: Settings, components: tuple[str, ...] = COMPONENTS, ba
             from services.trainer.jobs import TrainingJobs
             from services.trainer.servicer import trainer_service
 
-            jobs = TrainingJobs(settings, registry, store, make_launcher(settings), base, quotas)
+            jobs = TrainingJobs(settings.trainer(), registry, store, make_launcher(settings), base, quotas)
             stack.closers.callback(jobs.close)
             jobs.recover()
-            service, port = trainer_service(settings, registry, store, jobs, quotas), settings.trainer_port
+            service, port = trainer_service(settings.trainer(), registry, store, jobs, quotas), settings.trainer_port
         elif component == "merger":
             from services.merger.jobs import MergerJobs
             from services.merger.servicer import merger_service
@@ -101,7 +102,7 @@ def start_stack(settings: Settings, components: tuple[str, ...] = COMPONENTS, ba
             service, port = inference_service(settings, registry, quotas), settings.inference_port
         else:
             raise ValueError(f"unknown component {component!r}; known: {COMPONENTS}")
-        server, bound, health_servicer = build_server(settings, [service, concepts], port)
+        server, bound, health_servicer = build_server(settings.server(), [service, concepts], port)
         if component == "inference":
             from services.inference.triton_health import TritonHealth
 

@@ -182,7 +182,7 @@ def make_jobs(tmp_path):
         if checkpoint_step is not None:
             checkpoint_path(work).parent.mkdir()
             torch.save({"step": checkpoint_step, "job_key": "k", "params": {}}, checkpoint_path(work))
-        jobs = TrainingJobs(settings, registry, ArtifactStore(settings.store_url),
+        jobs = TrainingJobs(settings.trainer(), registry, ArtifactStore(settings.store_url),
                             LocalProcessLauncher(python=_fake_python(tmp_path, script)), "unused",
                             TenantQuotas(settings.quotas, registry))
         made.append(jobs)

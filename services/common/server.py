@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from concepts.errors import InvalidArgument
 from services.common.interceptors import AuthInterceptor, ErrorInterceptor
 from services.common.limits import ConcurrencyLimitInterceptor
-from services.common.settings import Settings
+from services.common.settings import ServerSettings
 
 LIVENESS = "liveness"
 
@@ -31,7 +31,7 @@ class Service:
     name: str
 
 
-def load_api_keys(settings: Settings) -> dict[str, str]:
+def load_api_keys(settings: ServerSettings) -> dict[str, str]:
     """API key -> tenant, from `api_keys_file` (YAML/JSON mapping, e.g. a mounted Secret) and `api_keys`."""
     keys: dict[str, str] = {}
     if settings.api_keys_file:
@@ -49,7 +49,8 @@ def load_api_keys(settings: Settings) -> dict[str, str]:
     return keys
 
 
-def build_server(settings: Settings, services: list[Service], port: int) -> tuple[grpc.Server, int, health.HealthServicer]:
+def build_server(settings: ServerSettings, services: list[Service], port: int
+                 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """A started-ready (not started) server on `settings.host:port`; port 0 picks a free one.
 
     Returns:

@@ -113,8 +113,43 @@ class Quotas:
 
 
 @dataclass(frozen=True)
+class ServerSettings:
+    """What every gRPC server needs (`build_server`)."""
+
+    host: str
+    api_keys_file: str
+    api_keys: str
+    tls_cert_file: str
+    tls_key_file: str
+    max_message_bytes: int
+    rpc_limits: RpcLimits
+
+
+@dataclass(frozen=True)
+class TrainerSettings:
+    """What the TrainerService and its training jobs need."""
+
+    work_dir: str
+    launcher: str
+    max_concurrent_jobs: int
+    max_images_per_concept: int
+    max_image_bytes: int
+    max_image_pixels: int
+    image_decode_workers: int
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """What the InferenceService front needs."""
+
+    triton_url: str
+    triton_model: str
+
+
+@dataclass(frozen=True)
 class Settings:
-    """Everything the three services and `customdiff serve` need."""
+    """The one config file of `customdiff serve` (the chart's ConfigMap); each consumer gets its own
+    small section of it: `server()`, `trainer()`, `inference()`, `kubernetes`, `quotas`."""
 
     host: str = "127.0.0.1"
     trainer_port: int = 50051
@@ -170,6 +205,15 @@ class Settings:
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise InvalidArgument("tls_cert_file", "TLS needs both tls_cert_file and tls_key_file")
 
+    def server(self) -> ServerSettings:
+        return _section(ServerSettings, self)
+
+    def trainer(self) -> TrainerSettings:
+        return _section(TrainerSettings, self)
+
+    def inference(self) -> InferenceSettings:
+        return _section(InferenceSettings, self)
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Settings":
         return from_dict(cls, data)
@@ -191,3 +235,8 @@ class Settings:
                 except ValueError:
                     data[f.name] = raw
         return cls.from_dict(data)
+
+
+def _section(cls, settings: Settings):
+    """The fields of `settings` that `cls` declares, as a `cls`."""
+    return cls(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(cls)})

@@ -30,7 +30,7 @@ from concepts.errors import InvalidArgument, NotFound, Unavailable
 from concepts.store import ArtifactStore
 from services.common.quotas import TenantQuotas
 from services.common.registry import TERMINAL_STATES, Registry
-from services.common.settings import Settings
+from services.common.settings import TrainerSettings
 from services.trainer.launcher import JobLauncher, LaunchEvent, LaunchRequest, LaunchState, reported_its_end
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ class TrainingRequest:
 
 
 class TrainingJobs:
-    def __init__(self, settings: Settings, registry: Registry, store: ArtifactStore, launcher: JobLauncher,
+    def __init__(self, settings: TrainerSettings, registry: Registry, store: ArtifactStore, launcher: JobLauncher,
                  base_model: str, quotas: TenantQuotas) -> None:
         self.settings = settings
         self.registry = registry

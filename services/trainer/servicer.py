@@ -21,7 +21,7 @@ from services.common.jobs import watch_job
 from services.common.quotas import TenantQuotas
 from services.common.registry import Registry
 from services.common.server import Service
-from services.common.settings import Settings
+from services.common.settings import TrainerSettings
 from services.trainer.images import check_image_header
 from services.trainer.jobs import KIND, ImageBlob, TrainingJobs, TrainingRequest
 
@@ -37,7 +37,7 @@ INITIALIZER_TOKEN = re.compile(r"[A-Za-z0-9_'-]{1,32}")
 
 
 class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
-    def __init__(self, settings: Settings, registry: Registry, store: ArtifactStore, jobs: TrainingJobs,
+    def __init__(self, settings: TrainerSettings, registry: Registry, store: ArtifactStore, jobs: TrainingJobs,
                  quotas: TenantQuotas) -> None:
         self.settings = settings
         self.registry = registry
@@ -221,7 +221,7 @@ def _job_id(name: str) -> str:
     return job_id
 
 
-def trainer_service(settings: Settings, registry: Registry, store: ArtifactStore, jobs: TrainingJobs,
+def trainer_service(settings: TrainerSettings, registry: Registry, store: ArtifactStore, jobs: TrainingJobs,
                     quotas: TenantQuotas) -> Service:
     return Service(trainer_service_pb2_grpc.add_TrainerServiceServicer_to_server,
                    TrainerServicer(settings, registry, store, jobs, quotas),

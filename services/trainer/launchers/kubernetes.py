@@ -27,7 +27,7 @@ from concepts.errors import (
     FailedPrecondition,
     NotFound,
 )
-from services.common.settings import KubernetesSettings, Settings
+from services.common.settings import KubernetesSettings
 from services.trainer.launcher import LaunchEvent, LaunchRequest, LaunchState, outcome_from_work_dir
 from services.trainer.launchers.job_manifest import (
     LABEL_JOB_ID,
@@ -105,10 +105,10 @@ class KubernetesJobLauncher:
         self._thread: threading.Thread | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> KubernetesJobLauncher:
-        """The launcher of `customdiff serve`: credentials from `make_api_client`, `settings.kubernetes`."""
+    def from_settings(cls, settings: KubernetesSettings) -> KubernetesJobLauncher:
+        """The launcher of `customdiff serve`: credentials from `make_api_client`."""
         api = make_api_client()
-        return cls(client.BatchV1Api(api), client.CoreV1Api(api), settings.kubernetes)
+        return cls(client.BatchV1Api(api), client.CoreV1Api(api), settings)
 
     def launch(self, request: LaunchRequest) -> None:
         """Create the Job (and for several nodes its headless Service); a Job that exists is kept.
