@@ -6,6 +6,8 @@ must produce the same images without touching the weights.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -39,24 +41,32 @@ def add_tokens(tokenizer, text_encoder: nn.Module, tokens: tuple[str, ...], embe
     return ids
 
 
-def apply_concepts(unet: nn.Module, text_encoder: nn.Module, tokenizer, concepts: list[Concept]) -> None:
+def apply_concepts(unet: nn.Module, text_encoder: nn.Module, tokenizer, concepts: list[Concept],
+                   weights: Sequence[float] | None = None) -> None:
     """Add each concept's deltas into `unet` in place and its tokens into `tokenizer`/`text_encoder`.
+
+    Args:
+        weights: per concept, the factor on its deltas (``W0 + w Δ``; a request's concept weight);
+            the token embeddings are added unscaled. None is 1 for every concept.
 
     Raises:
         BaseMismatch: a concept was made for another base than the modules' (checked before any change).
     """
+    weights = [1.0] * len(concepts) if weights is None else list(weights)
+    if len(weights) != len(concepts):
+        raise InvalidArgument("weights", f"one weight per concept ({len(concepts)}), got {len(weights)}")
     fingerprint = base_fingerprint(unet, tokenizer)
     for i, concept in enumerate(concepts):
         check_base(concept, fingerprint, what=f"concepts[{i}]")
     modules = dict(unet.named_modules())
-    for concept in concepts:
+    for concept, scale in zip(concepts, weights):
         missing = [name for name in concept.deltas if name not in modules]
         if missing:
             raise InvalidArgument("concept", f"deltas name layers this UNet does not have: {missing[:3]}")
         with torch.no_grad():
             for name, delta in concept.deltas.items():
                 weight = modules[name].weight
-                weight += delta.to_dense(torch.float32).to(weight.device, weight.dtype)
+                weight += (scale * delta.to_dense(torch.float32)).to(weight.device, weight.dtype)
         add_tokens(tokenizer, text_encoder, concept.tokens, concept.embeddings)
 
 

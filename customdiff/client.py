@@ -15,6 +15,14 @@ TERMINAL = (resources_pb2.JOB_STATE_SUCCEEDED, resources_pb2.JOB_STATE_FAILED, r
 MAX_MESSAGE = 64 * 1024 * 1024
 
 
+def concept_ref(concept: str | tuple[str, float]) -> resources_pb2.ConceptRef:
+    """The latest version of a concept: a name (weight unset, i.e. 1) or a ``(name, weight)`` pair."""
+    if isinstance(concept, str):
+        return resources_pb2.ConceptRef(name=concept)
+    name, weight = concept
+    return resources_pb2.ConceptRef(name=name, weight=weight)
+
+
 class JobFailed(RuntimeError):
     """A job ended in FAILED or CANCELLED; the message is the job's error message."""
 
@@ -77,11 +85,16 @@ class Client:
         job = self.merger_stub.CompressConcept(request, metadata=self.metadata).merger_job
         return self._follow_merger(job)
 
-    def generate(self, prompt: str, concepts: Iterable[str] = (), timeout: float | None = 300,
-                 **fields) -> inference_service_pb2.GenerateResponse:
-        """Generate with the latest version of each named concept; `fields` are GenerateRequest fields."""
+    def generate(self, prompt: str, concepts: Iterable[str | tuple[str, float]] = (),
+                 timeout: float | None = 300, **fields) -> inference_service_pb2.GenerateResponse:
+        """Generate with the latest version of each named concept; `fields` are GenerateRequest fields.
+
+        Args:
+            concepts: names, each at weight 1, or ``(name, weight)`` pairs scaling that concept's
+                K/V deltas (0..2), e.g. ``["dog", ("chair", 0.5)]``.
+        """
         request = inference_service_pb2.GenerateRequest(
-            prompt=prompt, concepts=[resources_pb2.ConceptRef(name=n) for n in concepts], **fields)
+            prompt=prompt, concepts=[concept_ref(c) for c in concepts], **fields)
         return self.inference_stub.Generate(request, metadata=self.metadata, timeout=timeout)
 
     def concepts(self) -> list[resources_pb2.Concept]:

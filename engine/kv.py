@@ -2,11 +2,14 @@
 
 For every cross-attention layer l and text row b (a prompt or negative prompt of one request):
 
-    K_l[b] = c_b W0ᵀ + Σ_concepts (c_b downᵀ) upᵀ        (a dense delta Δ adds c_b Δᵀ)
+    K_l[b] = c_b W0ᵀ + Σ_concepts w (c_b downᵀ) upᵀ        (a dense delta Δ adds w c_b Δᵀ)
 
-and likewise V. That is exactly what ``c_b (W0 + Δ)ᵀ`` gives with the deltas added to the weights
+and likewise V, with w the concept's weight in that row's request. That is exactly what
+``c_b (W0 + w Δ)ᵀ`` gives with the scaled deltas added to the weights
 (`concepts.apply.apply_concepts`), but leaves the weights shared, so samples with different concepts
-share one UNet batch. The text embedding is fixed over the denoising loop, so K/V are computed
+(or one concept at different weights) share one UNet batch. The weight is applied here, to the
+factors of this batch, never to the cached `Concept`: the cache holds one entry per digest whatever
+the weights it is used at. The text embedding is fixed over the denoising loop, so K/V are computed
 before it and every step's attention reads them through `PrecomputedKVProcessor`.
 """
 
@@ -80,26 +83,47 @@ def install_kv_processors(unet: nn.Module) -> dict[str, nn.Module]:
     return layers
 
 
+# A row's concepts with their weights; zero-weight concepts are left out (they add nothing).
+Weighted = tuple[tuple[Concept, float], ...]
+
+
 @dataclass
 class _Sets:
-    """The distinct concept sets of a batch's text rows (a request's rows share one), as index tensors."""
+    """The distinct weighted concept sets of a batch's text rows (a request's rows share one), indexed."""
 
-    concepts: list[tuple[Concept, ...]]
+    concepts: list[Weighted]
     rows: list[torch.Tensor]  # per set, its rows
     with_concepts: torch.Tensor  # every row that has concepts
     set_of_row: torch.Tensor  # per row of `with_concepts`, its set
     text: torch.Tensor  # [len(with_concepts), tokens, hidden]
 
 
-def _sets(text: torch.Tensor, row_concepts: Sequence[tuple[Concept, ...]]) -> _Sets | None:
-    index: dict[tuple[int, ...], int] = {}
-    sets: list[tuple[Concept, ...]] = []
+def _weighted(row_concepts: Sequence[tuple[Concept, ...]], row_weights: Sequence[Sequence[float]] | None,
+              ) -> list[Weighted]:
+    """Each row's (concept, weight) pairs, zero weights left out; no `row_weights` is weight 1 everywhere.
+
+    Raises:
+        ValueError: `row_weights` is not aligned with `row_concepts` (a caller's bug, not a request's).
+    """
+    if row_weights is None:
+        return [tuple((c, 1.0) for c in concepts) for concepts in row_concepts]
+    if len(row_weights) != len(row_concepts) or any(len(w) != len(c)
+                                                    for w, c in zip(row_weights, row_concepts)):
+        raise ValueError(f"row_weights {[len(w) for w in row_weights]} is not aligned with row_concepts "
+                         f"{[len(c) for c in row_concepts]}")
+    return [tuple((c, float(w)) for c, w in zip(concepts, weights) if w != 0.0)
+            for concepts, weights in zip(row_concepts, row_weights)]
+
+
+def _sets(text: torch.Tensor, row_concepts: Sequence[Weighted]) -> _Sets | None:
+    index: dict[tuple[tuple[int, float], ...], int] = {}
+    sets: list[Weighted] = []
     rows: list[list[int]] = []
     with_concepts, set_of_row = [], []
     for row, concepts in enumerate(row_concepts):
         if not concepts:
             continue
-        key = tuple(id(c) for c in concepts)
+        key = tuple((id(c), w) for c, w in concepts)
         if key not in index:
             index[key] = len(sets)
             sets.append(concepts)
@@ -115,13 +139,17 @@ def _sets(text: torch.Tensor, row_concepts: Sequence[tuple[Concept, ...]]) -> _S
                  torch.tensor(set_of_row, device=device), text.index_select(0, with_t))
 
 
-def _factors(name: str, concepts: tuple[Concept, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """A set's low-rank deltas on layer `name` as one pair: a sum of products up_i down_i is the
-    product of the factors concatenated along the rank, [out, Σr] @ [Σr, in]."""
-    low = [c.deltas[name] for c in concepts if name in c.deltas and c.deltas[name].dense is None]
-    if len(low) < 2:
-        return (low[0].up, low[0].down) if low else None
-    return torch.cat([d.up for d in low], 1), torch.cat([d.down for d in low], 0)
+def _factors(name: str, concepts: Weighted) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A set's low-rank deltas on layer `name` as one pair: a sum of products w_i up_i down_i is the
+    product of the factors concatenated along the rank, [out, Σr] @ [Σr, in], each w_i folded into
+    its `up` (a new tensor: the cached concept is never changed)."""
+    low = [(c.deltas[name], w) for c, w in concepts if name in c.deltas and c.deltas[name].dense is None]
+    if not low:
+        return None
+    ups = [d.up if w == 1.0 else d.up * w for d, w in low]
+    if len(low) == 1:
+        return ups[0], low[0][0].down
+    return torch.cat(ups, 1), torch.cat([d.down for d, _ in low], 0)
 
 
 def _padded(factor: torch.Tensor, rank: int, dim: int) -> torch.Tensor:
@@ -150,13 +178,14 @@ def _add_deltas(out: torch.Tensor, name: str, sets: _Sets, text: torch.Tensor) -
         out.index_add_(0, sets.with_concepts,
                        torch.bmm(torch.bmm(sets.text, downs.transpose(1, 2)), ups.transpose(1, 2)))
     for concepts, rows in zip(sets.concepts, sets.rows):  # dense (uncompressed) deltas: one matmul each
-        for concept in concepts:
+        for concept, weight in concepts:
             delta = concept.deltas.get(name)
             if delta is not None and delta.dense is not None:
-                out.index_add_(0, rows, F.linear(text.index_select(0, rows), delta.dense))
+                out.index_add_(0, rows, F.linear(text.index_select(0, rows), delta.dense), alpha=weight)
 
 
 def compute_kv(layers: dict[str, nn.Module], text: torch.Tensor, row_concepts: Sequence[tuple[Concept, ...]],
+               row_weights: Sequence[Sequence[float]] | None = None,
                ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """K/V of every cross-attention layer for every text row, with that row's concepts' deltas.
 
@@ -164,11 +193,16 @@ def compute_kv(layers: dict[str, nn.Module], text: torch.Tensor, row_concepts: S
         layers: attn2 modules by path (from `install_kv_processors`).
         text: [rows, tokens, hidden] text-encoder output.
         row_concepts: for each row, the concepts whose deltas apply to it (empty: the base).
+        row_weights: for each row, its concepts' weights in `row_concepts` order (the request's
+            `GenerationRequest.weights`): each delta is scaled by its weight, 0 drops it; None is 1 for all.
 
     Returns:
         layer path -> (K, V), each [rows, heads, tokens, head_dim].
+
+    Raises:
+        ValueError: `row_weights` does not match `row_concepts` row for row.
     """
-    sets = _sets(text, row_concepts)
+    sets = _sets(text, _weighted(row_concepts, row_weights))
     result = {}
     for path, attn in layers.items():
         pair = []

@@ -18,6 +18,8 @@ DIGEST = "ab" * 32
     ("concept_digests", "abc", "expected a sequence"),
     ("concept_digests", ("xyz",), "64 hex characters"),
     ("concept_digests", (DIGEST, "sha256:" + DIGEST.upper()), "named twice"),
+    ("concept_weights", "0.5", "expected a sequence"),
+    ("concept_weights", (0.5,), "one weight per concept digest (0), got 1"),
     ("num_images", 0, "within [1, 8], got 0"),
     ("num_images", 9, "got 9"),
     ("num_images", True, "wrong type bool"),
@@ -52,6 +54,40 @@ def test_triton_parameters_round_trip_and_reject_unknown_keys():
     with pytest.raises(InvalidArgument) as info:
         GenerationRequest.from_parameters("x", "", {"steps": 3})
     assert info.value.field == "steps"
+
+
+@pytest.mark.parametrize("weights, field, message", [
+    ((0.5, float("nan")), "concept_weights[1]", "got nan"),
+    ((float("inf"), 1), "concept_weights[0]", "got inf"),
+    ((-0.1, 1), "concept_weights[0]", "within [0, 2], got -0.1"),
+    ((1, 2.5), "concept_weights[1]", "got 2.5"),
+    ((1, True), "concept_weights[1]", "wrong type bool"),
+    ((1, "0.5"), "concept_weights[1]", "wrong type str"),
+    ((1,), "concept_weights", "one weight per concept digest (2), got 1"),
+])
+def test_invalid_concept_weights_are_named_with_the_value(weights, field, message):
+    with pytest.raises(InvalidArgument) as info:
+        GenerationRequest("a dog", concept_digests=(DIGEST, "cd" * 32), concept_weights=weights)
+    assert info.value.field == field and message in str(info.value)
+
+
+def test_concept_weights_are_normalized_and_round_trip_exactly():
+    digests = (DIGEST, "cd" * 32)
+    request = GenerationRequest("a dog", concept_digests=digests, concept_weights=[0, 0.1 + 0.2])
+    assert request.concept_weights == (0.0, 0.30000000000000004)
+    assert request.weights == request.concept_weights
+    assert request.to_parameters()["concept_weights"] == "0.0,0.30000000000000004"
+    assert GenerationRequest.from_parameters("a dog", "", request.to_parameters()) == request
+    # All ones is the default: the same request, and a parameter an older model would not know is left out.
+    ones = GenerationRequest("a dog", concept_digests=digests, concept_weights=(1, 1.0))
+    assert ones == GenerationRequest("a dog", concept_digests=digests) and ones.weights == (1.0, 1.0)
+    assert "concept_weights" not in ones.to_parameters()
+    for text, field in [("0.5,x", "concept_weights"), ("0.5,nan", "concept_weights[1]"),
+                        ("3,1", "concept_weights[0]")]:
+        params = {"concept_digests": ",".join(digests), "concept_weights": text}
+        with pytest.raises(InvalidArgument) as info:
+            GenerationRequest.from_parameters("a dog", "", params)
+        assert info.value.field == field
 
 
 def test_model_settings_from_config_with_environment_overrides():

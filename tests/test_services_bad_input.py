@@ -90,6 +90,10 @@ TRAIN_CASES = [
     ("concept_name", tpb.CreateTrainingJobRequest(concepts=[concept()], concept_name="a b")),
 ]
 OTHER_CASES = [
+    ("merger", "CompressConcept", mpb.CompressConceptRequest(
+        concept=resources_pb2.ConceptRef(name="cat", weight=0.5), rank=1), "concept.weight"),
+    ("merger", "MergeConcepts", mpb.MergeConceptsRequest(concepts=[
+        resources_pb2.ConceptRef(name="cat"), resources_pb2.ConceptRef(name="cat", weight=1.0)]), "concepts[1].weight"),
     ("trainer", "GetTrainingJob", tpb.GetTrainingJobRequest(name="trainingJobs/xyz"), "name"),
     ("trainer", "CancelTrainingJob", tpb.CancelTrainingJobRequest(name=""), "name"),
     ("trainer", "ListTrainingJobs", tpb.ListTrainingJobsRequest(page_size=-1), "page_size"),
@@ -115,6 +119,10 @@ OTHER_CASES = [
     ("inference", "Generate", ipb.GenerateRequest(prompt="a", scheduler=17), "scheduler"),
     ("inference", "Generate", ipb.GenerateRequest(
         prompt="a", concepts=[resources_pb2.ConceptRef(name="cat", version=-1)]), "concepts[0].version"),
+    ("inference", "Generate", ipb.GenerateRequest(
+        prompt="a", concepts=[resources_pb2.ConceptRef(name="cat", weight=-0.1)]), "concepts[0].weight"),
+    ("inference", "Generate", ipb.GenerateRequest(
+        prompt="a", concepts=[resources_pb2.ConceptRef(name="cat", weight=2.5)]), "concepts[0].weight"),
 ]
 
 
@@ -212,6 +220,9 @@ def _hostile_cases():
              "hyperparameters.prior_loss_weight"),
             (f"{name}-guidance_scale", "inference", "Generate", ipb.GenerateRequest(prompt="a", guidance_scale=value),
              "guidance_scale"),
+            (f"{name}-concept-weight", "inference", "Generate", ipb.GenerateRequest(
+                prompt="a", concepts=[resources_pb2.ConceptRef(name="cat", weight=value)]),
+             "concepts[0].weight"),
             (f"{name}-ridge", "merger", "MergeConcepts", mpb.MergeConceptsRequest(concepts=[CAT_REF, CAT_REF],
                                                                                  ridge=value), "ridge"),
             (f"{name}-fraction", "merger", "CompressConcept", mpb.CompressConceptRequest(concept=CAT_REF,

@@ -38,11 +38,14 @@ class ConceptServicer(concept_service_pb2_grpc.ConceptServiceServicer):
         return pb.DeleteConceptResponse(deleted=[concept_to_proto(r) for r in rows])
 
 
-def check_ref(ref, field: str):
-    """Validate a ConceptRef message: a valid name and a version >= 0 (0 is the latest)."""
+def check_ref(ref, field: str, weighted: bool = False):
+    """Validate a ConceptRef message: a valid name, a version >= 0 (0 is the latest), and no `weight`
+    unless the RPC reads one (`weighted`: Generate); a weight elsewhere would be silently ignored."""
     check_name(ref.name, f"{field}.name")
     if ref.version < 0:
         raise InvalidArgument(f"{field}.version", f"must be >= 0 (0 is the latest), got {ref.version}")
+    if not weighted and ref.HasField("weight"):
+        raise InvalidArgument(f"{field}.weight", "only Generate reads a concept weight; leave it unset here")
     return ref
 
 
