@@ -1,6 +1,7 @@
 """Serving benchmark: what concepts cost the multi-concept engine, directly and through Triton.
 
     python benchmarks/serving.py [--steps 10] [--rounds 10] [--no-triton] [--wall-clock] [--base DIR]
+    python benchmarks/serving.py --arrivals poisson [--rate R | --load 0.7] [--duration 20] [--base DIR]
 
 Builds the tiny base (or uses --base) and a store of compressed (low-rank) concepts in a temporary
 directory, then measures (the fastest of --rounds interleaved rounds, warm unless said otherwise):
@@ -22,12 +23,22 @@ shipped config.pbtxt has a KIND_CPU instance group. On the CPU, time is CPU seco
 thread (this process's, plus the tritonserver process tree's through Triton) unless --wall-clock:
 on a shared machine that is what other tenants' load disturbs least. Progress goes to stderr;
 the last line on stdout is the JSON.
+
+--arrivals poisson: open-loop Poisson arrivals (a 50/50 mix of 20- and 50-step requests over the 8
+concepts) served with request-level batching (the engine's `generate_batch` on up to 8 queued requests
+when it is free, as Triton's dynamic batcher hands them to `execute`; all answered at its end) and with
+step-level batching (`engine/loop.py`, 8 images at most), at the same offered load: --rate, or --load
+times the capacity measured first (back-to-back full request-level batches of 8). To be insensitive to
+other tenants of a shared machine, time is virtual: the clock advances by the CPU seconds (one thread)
+each batch, step, admission and decode took, and arrivals are scheduled on that clock. The JSON has
+p50_s, p95_s and throughput_rps per mode, p95_ratio and throughput_ratio (step / request).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import random
 import json
 import os
 import statistics
@@ -46,6 +57,7 @@ from concepts.base import BaseModel, kv_layers, load_base
 from concepts.store import ArtifactStore
 from concepts.tiny import create_tiny_base
 from engine.engine import Engine
+from engine.loop import StepLoop
 from engine.request import GenerationRequest
 
 N = 8
@@ -209,6 +221,80 @@ def onnx_vs_torch(engine: Engine, base_dir: Path, store_url: str, digests: list[
     return t["torch"] / t["onnx"]
 
 
+def mixed_arrivals(digests: list[str], rate: float, duration: float, seed: int = 0,
+                   ) -> list[tuple[float, GenerationRequest]]:
+    """Poisson arrival times over `duration` seconds at `rate`, each a 20- or 50-step request with one concept."""
+    rng, now, out = random.Random(seed), 0.0, []
+    while True:
+        now += rng.expovariate(rate)
+        if now >= duration:
+            return out
+        i = len(out)
+        out.append((now, GenerationRequest(f"photo of a <c{i % N}> dog", concept_digests=(digests[i % N],),
+                                           num_inference_steps=rng.choice((20, 50)), seed=i)))
+
+
+def serve_request_level(engine: Engine, arrivals: list[tuple[float, GenerationRequest]],
+                        clock: Callable[[], float]) -> list[tuple[float, float]]:
+    """(arrival, completion) virtual times when each free moment takes up to N queued requests as one batch."""
+    now, i, queue, done = 0.0, 0, [], []
+    while i < len(arrivals) or queue:
+        if not queue and arrivals[i][0] > now:
+            now = arrivals[i][0]  # idle until the next arrival
+        while i < len(arrivals) and arrivals[i][0] <= now:
+            queue.append(arrivals[i])
+            i += 1
+        batch, queue = queue[:N], queue[N:]
+        now += seconds(lambda: engine.generate_batch([r for _, r in batch]), clock)
+        done += [(arrived, now) for arrived, _ in batch]
+    return done
+
+
+def serve_step_level(engine: Engine, arrivals: list[tuple[float, GenerationRequest]],
+                     clock: Callable[[], float]) -> list[tuple[float, float]]:
+    """(arrival, completion) virtual times through the step-level loop, stepped here, N images at most."""
+    loop = StepLoop(engine, N)
+    now, i, pending, done = 0.0, 0, [], []
+    while i < len(arrivals) or pending:
+        if not pending and arrivals[i][0] > now:
+            now = arrivals[i][0]
+        while i < len(arrivals) and arrivals[i][0] <= now:
+            arrived, request = arrivals[i]
+            start = clock()
+            pending.append((arrived, loop.submit(request)))
+            now += clock() - start
+            i += 1
+        now += seconds(loop.step, clock)
+        done += [(arrived, now) for arrived, future in pending if future.done()]
+        pending = [(arrived, future) for arrived, future in pending if not future.done()]
+    return done
+
+
+def poisson(engine: Engine, digests: list[str], rate: float | None, load: float, duration: float,
+            clock: Callable[[], float]) -> dict:
+    """The --arrivals poisson benchmark: capacity first, then both batching modes at the same arrivals.
+
+    `clock` advances the virtual time: this thread's CPU seconds on the CPU, else the wall clock.
+    """
+    full = [r for _, r in mixed_arrivals(digests, 1000.0, 1.0)[:N]]  # a full batch of the mix
+    engine.generate_batch(full)  # warm: every concept cached
+    capacity = N / min(seconds(lambda: engine.generate_batch(full), clock) for _ in range(2))
+    rate = rate or load * capacity
+    arrivals = mixed_arrivals(digests, rate, duration)
+    log(f"capacity {capacity:.2f} rps; offered {rate:.2f} rps ({rate / capacity:.0%}), {len(arrivals)} requests")
+    result = {"capacity_rps": capacity, "rate_rps": rate, "offered_load": rate / capacity, "requests": len(arrivals)}
+    for mode, serve in (("request", serve_request_level), ("step", serve_step_level)):
+        done = serve(engine, arrivals, clock)
+        q = statistics.quantiles([end - arrived for arrived, end in done], n=100)
+        span = max(end for _, end in done) - arrivals[0][0]
+        result[mode] = {"p50_s": round(q[49], 3), "p95_s": round(q[94], 3),
+                        "throughput_rps": round(len(done) / span, 3)}
+        log(f"{mode}: {result[mode]}")
+    result["p95_ratio"] = result["step"]["p95_s"] / result["request"]["p95_s"]
+    result["throughput_ratio"] = result["step"]["throughput_rps"] / result["request"]["throughput_rps"]
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--base", help="diffusers SD directory (default: the tiny base, built here)")
@@ -217,6 +303,10 @@ def main() -> None:
     parser.add_argument("--no-triton", action="store_true", help="measure the engine only")
     parser.add_argument("--wall-clock", action="store_true", help="on the CPU, time with the wall clock and all "
                         "threads instead of CPU seconds of one thread (for an unshared machine)")
+    parser.add_argument("--arrivals", choices=("poisson",), help="open-loop arrivals: batching modes compared")
+    parser.add_argument("--rate", type=float, help="arrivals per (CPU) second (default: --load x capacity)")
+    parser.add_argument("--load", type=float, default=0.7, help="offered load as a fraction of capacity")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds (virtual) of arrivals")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cpu_clock = device == "cpu" and not args.wall_clock
@@ -230,6 +320,15 @@ def main() -> None:
         base = load_base(base_dir)
         concepts = [compressed_concept(base, i, f"<c{i}>") for i in range(N)]
         digests = [store.put_concept(c) for c in concepts]
+        if args.arrivals:
+            engine = Engine.from_paths(base_dir, store.url, device=device)
+            result = poisson(engine, digests, args.rate, args.load, args.duration,
+                             time.thread_time if cpu_clock else time.perf_counter)
+            result.update(device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                          clock="virtual: cpu seconds, 1 thread" if cpu_clock else "wall seconds",
+                          load_avg=round(os.getloadavg()[0], 2))
+            print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}))
+            return
         log("the diffusers way: warm-up")
         diffusers = diffusers_way(base_dir, concepts, args.steps)
         log(f"engine on {device}, {args.steps} steps, {args.rounds} rounds")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,14 +26,15 @@ from concepts.errors import CorruptArtifact, CustomDiffError, InvalidArgument
 from concepts.store import ArtifactStore
 from engine.cache import ConceptCache
 from engine.kv import compute_kv, expand_kv, install_kv_processors, precomputed_kv
+from engine.loop import StepLoop
 from engine.onnx_unet import KVUNet, onnx_unet
 from engine.request import GenerationRequest
+from engine.schedulers import make_scheduler
 from engine.text import PromptEncoder, TokenizedPrompt
 
 log = logging.getLogger(__name__)
 
-SCHEDULER_CLASSES = {"ddim": "DDIMScheduler", "dpm_solver_multistep": "DPMSolverMultistepScheduler",
-                     "euler": "EulerDiscreteScheduler"}
+BATCHING = ("request", "step")
 
 
 @dataclass(frozen=True)
@@ -44,26 +47,6 @@ class _Prepared:
     uncond: TokenizedPrompt | None
     height: int
     width: int
-
-
-def make_scheduler(base_scheduler, name: str):
-    """A fresh scheduler: the base's own class for "", else diffusers' class `from_config` of the base's.
-
-    Fixed up as `StableDiffusionPipeline.__init__` fixes the scheduler it is given (``steps_offset``
-    1, ``clip_sample`` off: clipping x0 to [-1, 1] is wrong for latents), so that a pipeline built
-    with this scheduler runs exactly this one.
-    """
-    import diffusers
-
-    cls = type(base_scheduler) if name == "" else getattr(diffusers, SCHEDULER_CLASSES[name])
-    scheduler = cls.from_config(base_scheduler.config)
-    fixes = {key: value for key, value in (("steps_offset", 1), ("clip_sample", False))
-             if key in scheduler.config and scheduler.config[key] != value}
-    if not fixes:
-        return scheduler
-    # from_config would reset the keys `_use_default_values` lists (clip_sample is one) to the defaults.
-    config = {k: v for k, v in scheduler.config.items() if k != "_use_default_values"}
-    return cls.from_config({**config, **fixes})
 
 
 def to_png(image: np.ndarray) -> bytes:
@@ -89,19 +72,27 @@ class Engine:
         host_cache_bytes: budget of the host-memory tier behind it (ignored on the CPU).
         max_batch_images: most images per UNet batch (a request's images are never split).
         unet_runner: runs the UNet instead of `base.unet` (the exported graph, K/V as inputs: `onnx_unet.py`).
+        batching: "request" runs each `generate_batch` call's requests as whole denoising loops, one per
+            (size, steps, scheduler); "step" hands them to the step-level loop (`loop.py`), which
+            admits and retires requests at every step boundary, whatever their steps or scheduler.
     """
 
     def __init__(self, base: BaseModel, store: ArtifactStore, cache_bytes: int = 1 << 30,
                  host_cache_bytes: int = 0, max_batch_images: int = 16,
-                 unet_runner: KVUNet | None = None) -> None:
+                 unet_runner: KVUNet | None = None, batching: str = "request") -> None:
         from diffusers.image_processor import VaeImageProcessor
 
         self.base = base
         device = base.unet.device
         self.cache = ConceptCache(store, self.validate_concept, device=device, dtype=base.unet.dtype,
                                   device_bytes=cache_bytes, host_bytes=0 if device.type == "cpu" else host_cache_bytes)
+        if batching not in BATCHING:
+            raise InvalidArgument("batching", f"must be one of {list(BATCHING)}, got {batching!r}")
         self.max_batch_images = max_batch_images
         self.unet_runner = unet_runner
+        self.batching = batching
+        self._loop: StepLoop | None = None
+        self._loop_lock = threading.Lock()
         self.layers = install_kv_processors(base.unet)
         self.prompts = PromptEncoder(base.tokenizer, base.text_encoder)
         self.vae_scale_factor = 2 ** (len(base.vae.config.block_out_channels) - 1)
@@ -113,14 +104,15 @@ class Engine:
     @classmethod
     def from_paths(cls, base_dir: str | Path, store_url: str, device: str = "cpu",
                    dtype: torch.dtype = torch.float32, cache_bytes: int = 1 << 30, host_cache_bytes: int = 0,
-                   max_batch_images: int = 16, unet_backend: str = "torch", unet_onnx: str = "") -> Engine:
+                   max_batch_images: int = 16, unet_backend: str = "torch", unet_onnx: str = "",
+                   batching: str = "request") -> Engine:
         """Load the base from a diffusers directory and serve concepts from the store at `store_url`.
 
         `unet_backend` "onnxruntime" runs the UNet exported to `unet_onnx` by `customdiff export-onnx`.
         """
         base = load_base(base_dir, dtype=dtype, device=device)
         return cls(base, ArtifactStore(store_url), cache_bytes, host_cache_bytes, max_batch_images,
-                   unet_runner=onnx_unet(unet_backend, unet_onnx, base))
+                   unet_runner=onnx_unet(unet_backend, unet_onnx, base), batching=batching)
 
     def validate_concept(self, digest: str, concept: Concept) -> None:
         """Refuse a concept this base cannot serve (the cache calls this once per load).
@@ -156,6 +148,8 @@ class Engine:
         Returns:
             one entry per request, in order: its images ([H, W, 3] float32 in [0, 1]) or its error.
         """
+        if self.batching == "step":
+            return [_outcome(future) for future in [self.submit(r) for r in requests]]
         # 1. Resolve concepts and tokenize; a failing request fails alone.
         results: list[list[np.ndarray] | CustomDiffError | None] = [None] * len(requests)
         groups: dict[tuple[int, int, int, str], list[tuple[int, _Prepared]]] = {}
@@ -174,6 +168,33 @@ class Engine:
                 for (i, _), imgs in zip(chunk, images):
                     results[i] = imgs
         return results
+
+    @property
+    def loop(self) -> StepLoop:
+        """The step-level loop, started in its background thread on first use."""
+        with self._loop_lock:
+            if self._loop is None:
+                self._loop = StepLoop(self, self.max_batch_images)
+                self._loop.start()
+            return self._loop
+
+    def submit(self, request: GenerationRequest, deadline: float | None = None) -> Future:
+        """Hand `request` to the running step-level loop (thread-safe, either batching mode).
+
+        Args:
+            deadline: `time.monotonic()` by which it must finish, else its future fails with DeadlineExceeded.
+
+        Returns:
+            a future of its images ([H, W, 3] float32 in [0, 1]) or of its domain error.
+        """
+        return self.loop.submit(request, deadline)
+
+    def close(self) -> None:
+        """Stop the step-level loop, if it runs; what it still holds fails as Unavailable."""
+        with self._loop_lock:
+            loop, self._loop = self._loop, None
+        if loop is not None:
+            loop.close()
 
     def _chunks(self, members: list[tuple[int, _Prepared]]) -> list[list[tuple[int, _Prepared]]]:
         chunks: list[list[tuple[int, _Prepared]]] = [[]]
@@ -204,12 +225,14 @@ class Engine:
         default = self.base.unet.config.sample_size * self.vae_scale_factor
         return _Prepared(request, concepts, cond, uncond, request.height or default, request.width or default)
 
-    @torch.inference_mode()
-    def _run(self, batch: list[_Prepared]) -> list[list[np.ndarray]]:
-        """One UNet batch: requests agreeing on size, steps and scheduler."""
-        unet, device = self.base.unet, self.base.unet.device
-        first = batch[0]
-        # 2.1 Text rows (a prompt, and a negative prompt with guidance, per request) and their K/V.
+    def encode(self, batch: list[_Prepared]) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]],
+                                                     list[int], list[int | None]]:
+        """The text rows of `batch` and their K/V: the one place concepts become K/V, for both batching modes.
+
+        Returns:
+            text [rows, tokens, hidden]; K/V by layer (`compute_kv`); per request, its prompt's row and
+            its negative prompt's row (None without guidance).
+        """
         texts, row_concepts, cond_row, uncond_row = [], [], [], []
         for p in batch:
             cond_row.append(len(texts))
@@ -220,7 +243,22 @@ class Engine:
                 texts.append(p.uncond)
                 row_concepts.append(p.concepts)
         text = self.prompts.encode(texts)
-        kv = compute_kv(self.layers, text, row_concepts)
+        kv = compute_kv(self.layers, text, row_concepts,  # each row's concept weights, in the row order above
+                        [p.request.weights for p in batch for _ in range(1 if p.uncond is None else 2)])
+        return text, kv, cond_row, uncond_row
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Latents [n, 4, h, w] -> images [n, H, W, 3] float32 in [0, 1], as the pipeline's output_type="np"."""
+        images = self.base.vae.decode(latents / self.base.vae.config.scaling_factor, return_dict=False)[0]
+        return self.image_processor.postprocess(images, output_type="np")
+
+    @torch.inference_mode()
+    def _run(self, batch: list[_Prepared]) -> list[list[np.ndarray]]:
+        """One UNet batch: requests agreeing on size, steps and scheduler."""
+        unet, device = self.base.unet, self.base.unet.device
+        first = batch[0]
+        # 2.1 Text rows (a prompt, and a negative prompt with guidance, per request) and their K/V.
+        text, kv, cond_row, uncond_row = self.encode(batch)
         # 2.2 Samples: image i of a request starts from torch.Generator().manual_seed(seed + i).
         samples = [(j, p.request.seed + i) for j, p in enumerate(batch) for i in range(p.request.num_images)]
         guided = [s for s, (j, _) in enumerate(samples) if batch[j].uncond is not None]
@@ -251,10 +289,17 @@ class Engine:
                 noise[guided_t] = uncond + scale * (cond[guided_t] - uncond)
                 latents = scheduler.step(noise, t, latents, return_dict=False)[0]
         # 2.4 Decode, as the pipeline's output_type="np".
-        images = self.base.vae.decode(latents / self.base.vae.config.scaling_factor, return_dict=False)[0]
-        images = self.image_processor.postprocess(images, output_type="np")
+        images = self.decode(latents)
         out, start = [], 0
         for p in batch:
             out.append(list(images[start: start + p.request.num_images]))
             start += p.request.num_images
         return out
+
+
+def _outcome(future: Future) -> list[np.ndarray] | CustomDiffError:
+    """A future's images, or its domain error; any other exception (a bug) is raised."""
+    try:
+        return future.result()
+    except CustomDiffError as e:
+        return e

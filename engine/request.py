@@ -9,14 +9,15 @@ from typing import Any
 
 from concepts.artifact import check_digest
 from concepts.errors import InvalidArgument, quote
+from engine.schedulers import SCHEDULERS
 
-SCHEDULERS = ("", "ddim", "dpm_solver_multistep", "euler")  # "" = the base model's own scheduler
 MAX_SIDE = 2048
 MAX_IMAGES = 8
 MAX_STEPS = 150
 MAX_GUIDANCE = 30.0
 MAX_PROMPT_CHARS = 4000
 MAX_SEED = 2**63 - 1
+MAX_CONCEPT_WEIGHT = 2.0
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,9 @@ class GenerationRequest:
         negative_prompt: the classifier-free guidance's unconditional text ("" as in diffusers).
         concept_digests: sha256 digests of concept artifacts (``sha256:`` prefix accepted); empty
             uses the plain base model.
+        concept_weights: per concept, in `concept_digests` order, the factor on its K/V deltas,
+            0..2 (the modifier-token embeddings are never scaled); empty means 1 for every concept,
+            and a tuple of only 1s is normalized to empty. `weights` has the full tuple.
         num_images: images to generate, 1..8; image i uses seed ``seed + i``.
         num_inference_steps: denoising steps, 1..150.
         guidance_scale: 0..30; 1 or less disables classifier-free guidance, as in diffusers.
@@ -43,6 +47,7 @@ class GenerationRequest:
     prompt: str
     negative_prompt: str = ""
     concept_digests: tuple[str, ...] = ()
+    concept_weights: tuple[float, ...] = ()
     num_images: int = 1
     num_inference_steps: int = 50
     guidance_scale: float = 7.5
@@ -63,6 +68,7 @@ class GenerationRequest:
         if len(set(digests)) != len(digests):
             raise InvalidArgument("concept_digests", f"a concept is named twice: {list(self.concept_digests)}")
         object.__setattr__(self, "concept_digests", digests)
+        object.__setattr__(self, "concept_weights", _check_weights(self.concept_weights, len(digests)))
         _check_int("num_images", self.num_images, 1, MAX_IMAGES)
         _check_int("num_inference_steps", self.num_inference_steps, 1, MAX_STEPS)
         _check_type("guidance_scale", self.guidance_scale, (int, float))
@@ -79,15 +85,29 @@ class GenerationRequest:
             raise InvalidArgument("scheduler", f"must be one of {list(SCHEDULERS)}, got {quote(self.scheduler)}")
 
     @property
+    def weights(self) -> tuple[float, ...]:
+        """Each concept's weight, aligned with `concept_digests` (1.0 where `concept_weights` is empty)."""
+        return self.concept_weights or (1.0,) * len(self.concept_digests)
+
+    @property
     def do_guidance(self) -> bool:
         """Classifier-free guidance runs, as in diffusers, only for a guidance scale above 1."""
         return self.guidance_scale > 1.0
 
     def to_parameters(self) -> dict[str, Any]:
-        """Every field except the prompts, as Triton request parameters (strings, ints, floats)."""
+        """Every field except the prompts, as Triton request parameters (strings, ints, floats).
+
+        `concept_weights` is left out when empty (every weight 1), so such a request reads the same
+        to a model that predates the field; otherwise it is ``repr`` of each float, comma-separated
+        (exact round trip).
+        """
         params = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                   if f.name not in ("prompt", "negative_prompt")}
         params["concept_digests"] = ",".join(self.concept_digests)
+        if self.concept_weights:
+            params["concept_weights"] = ",".join(repr(w) for w in self.concept_weights)
+        else:
+            del params["concept_weights"]
         return params
 
     @classmethod
@@ -105,7 +125,37 @@ class GenerationRequest:
         if "concept_digests" in values:
             _check_type("concept_digests", values["concept_digests"], str)
             values["concept_digests"] = tuple(d for d in values["concept_digests"].split(",") if d)
+        if "concept_weights" in values:
+            values["concept_weights"] = _parse_weights(values["concept_weights"])
         return cls(prompt=prompt, negative_prompt=negative_prompt, **values)
+
+
+def _check_weights(weights: object, count: int) -> tuple[float, ...]:
+    """`weights` as floats, one per concept, each finite within [0, MAX_CONCEPT_WEIGHT]; () if all are 1."""
+    if isinstance(weights, (str, bytes)) or not isinstance(weights, (tuple, list)):
+        raise InvalidArgument("concept_weights", f"expected a sequence of numbers, got {quote(weights)}")
+    if not weights:
+        return ()
+    if len(weights) != count:
+        raise InvalidArgument("concept_weights", f"one weight per concept digest ({count}), "
+                                                 f"got {len(weights)}: {quote(list(weights))}")
+    for i, weight in enumerate(weights):
+        _check_type(f"concept_weights[{i}]", weight, (int, float))
+        if not (math.isfinite(weight) and 0.0 <= weight <= MAX_CONCEPT_WEIGHT):
+            raise InvalidArgument(f"concept_weights[{i}]", f"must be within [0, {MAX_CONCEPT_WEIGHT:g}], "
+                                                           f"got {quote(weight)}")
+    floats = tuple(float(w) for w in weights)
+    return () if all(w == 1.0 for w in floats) else floats
+
+
+def _parse_weights(text: object) -> tuple[float, ...]:
+    """The Triton parameter ``"0.5,1.0"`` -> (0.5, 1.0); range checks are `_check_weights`'s."""
+    _check_type("concept_weights", text, str)
+    try:
+        return tuple(float(w) for w in text.split(",") if w)
+    except ValueError:
+        raise InvalidArgument("concept_weights",
+                              f"expected comma-separated numbers, got {quote(text)}") from None
 
 
 def _check_type(name: str, value: object, types: type | tuple[type, ...]) -> None:

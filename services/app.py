@@ -99,7 +99,7 @@ def start_stack(settings: Settings, components: tuple[str, ...] = COMPONENTS, ba
         elif component == "inference":
             from services.inference.servicer import inference_service
 
-            service, port = inference_service(settings, registry, quotas), settings.inference_port
+            service, port = inference_service(settings.inference(), registry, quotas), settings.inference_port
         else:
             raise ValueError(f"unknown component {component!r}; known: {COMPONENTS}")
         server, bound, health_servicer = build_server(settings.server(), [service, concepts], port)

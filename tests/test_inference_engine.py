@@ -13,7 +13,8 @@ from concepts.base import load_base
 from concepts.errors import BaseMismatch, CorruptArtifact, InvalidArgument
 from concepts.store import ArtifactStore
 from customdiff.__main__ import main
-from engine.engine import Engine, make_scheduler
+from engine.engine import Engine
+from engine.schedulers import make_scheduler
 from engine.kv import compute_kv
 from engine.request import GenerationRequest
 from tests.conftest import random_concept

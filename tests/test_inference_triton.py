@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import io
 import json
+import queue
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,9 +26,11 @@ from engine.engine import Engine, to_png
 from engine.request import GenerationRequest
 from services.inference.triton_client import generate_via_triton
 from services.inference.triton_protocol import MODEL_NAME, error_from_text
+from services.inference.triton_server import start_triton
 from tests.conftest import random_concept
 
 STEPS = 4
+REPOSITORY = Path(__file__).resolve().parents[1] / "deploy" / "triton" / "model_repository"
 
 
 def free_port() -> int:
@@ -122,18 +128,26 @@ def test_a_new_concept_is_live_while_requests_are_in_flight_without_a_reload(ser
     assert index == [{"name": MODEL_NAME, "version": "1", "state": "READY"}]
 
 
+def stream_one(url: str, request: GenerationRequest, parameters: dict):
+    """One request on a gRPC stream (the shipped model is decoupled): (result, error)."""
+    answers: queue.Queue = queue.Queue()
+    client = triton.InferenceServerClient(url)
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        client.async_stream_infer(MODEL_NAME, stream_inputs(request), parameters=parameters)
+        return answers.get(timeout=120)
+    finally:
+        client.stop_stream()
+
+
 def test_bad_parameters_come_back_naming_the_field(server, concept_a):
     url, _ = server
-    client = triton.InferenceServerClient(url)
-    prompt = triton.InferInput("PROMPT", [1, 1], "BYTES")
-    prompt.set_data_from_numpy(np.array([[b"a dog"]], dtype=np.object_))
     for params, field in [({"num_images": 99}, "num_images"), ({"scheduler": "pndm"}, "scheduler"),
                           ({"height": 30}, "height"), ({"colour": "red"}, "colour")]:
-        with pytest.raises(triton.InferenceServerException) as info:
-            client.infer(MODEL_NAME, [prompt], parameters=params)
-        assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
-        error = error_from_text(info.value.message())
-        assert isinstance(error, InvalidArgument) and error.field == field, info.value.message()
+        _, error = stream_one(url, GenerationRequest("a dog"), params)
+        assert error is not None, params  # a stream reports the model's error in its message
+        mapped = error_from_text(error.message())
+        assert isinstance(mapped, InvalidArgument) and mapped.field == field, error.message()
     with pytest.raises(InvalidArgument) as long_prompt:
         generate_via_triton(url, MODEL_NAME, GenerationRequest("dog " * 90, num_inference_steps=1), 60)
     assert long_prompt.value.field == "prompt" and "90 tokens" in str(long_prompt.value)
@@ -151,3 +165,55 @@ def test_deadline_and_unavailable(server):
         generate_via_triton(f"127.0.0.1:{free_port()}", MODEL_NAME, request, timeout_s=10)
     with pytest.raises(Unavailable):
         generate_via_triton(url, "no_such_model", request, timeout_s=10)
+
+
+def stream_inputs(request: GenerationRequest) -> list:
+    inputs = []
+    for name, text in (("PROMPT", request.prompt), ("NEGATIVE_PROMPT", request.negative_prompt)):
+        tensor = triton.InferInput(name, [1, 1], "BYTES")
+        tensor.set_data_from_numpy(np.array([[text.encode()]], dtype=np.object_))
+        inputs.append(tensor)
+    return inputs
+
+
+def test_decoupled_step_batching_answers_a_late_short_request_before_a_running_long_one(
+        server, store, engine, concept_a):
+    # The shipped repository: decoupled, "step" batching.
+    long = GenerationRequest("a <new1> dog", concept_digests=(concept_a,), num_inference_steps=150, seed=1)
+    short = GenerationRequest("photo of a <new1> dog", "blurry", (concept_a,), num_inference_steps=STEPS, seed=2)
+    answers: queue.Queue = queue.Queue()
+    client = triton.InferenceServerClient(server[0])
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        client.async_stream_infer(MODEL_NAME, stream_inputs(long), request_id="long",
+                                  parameters=long.to_parameters())
+        time.sleep(1.0)  # the long request is in the loop by now (150 steps take several seconds)
+        client.async_stream_infer(MODEL_NAME, stream_inputs(short), request_id="short",
+                                  parameters=short.to_parameters())
+        client.async_stream_infer(MODEL_NAME, stream_inputs(short), request_id="bad",
+                                  parameters={**short.to_parameters(), "num_images": 99})
+        got = [answers.get(timeout=300) for _ in range(3)]
+    finally:
+        client.stop_stream()
+    errors = [error for _, error in got if error is not None]
+    assert len(errors) == 1 and isinstance(error_from_text(errors[0].message()), InvalidArgument)
+    done = [result for result, error in got if error is None]
+    assert [r.get_response().id for r in done] == ["short", "long"]  # the short one joined and left the loop
+    for request, result in zip((short, long), done):
+        assert_same_images([bytes(p) for p in result.as_numpy("IMAGES").reshape(-1)], engine, request)
+
+
+def test_request_level_batching_stays_available_as_the_fallback(tiny_base_dir, store, engine, concept_a, tmp_path):
+    """`batching` "request" without the decoupled policy: the same client (a stream) gets the same images."""
+    repository = tmp_path / "repository"
+    shutil.copytree(REPOSITORY, repository, ignore=shutil.ignore_patterns("__pycache__"))
+    config = repository / MODEL_NAME / "config.pbtxt"
+    text = config.read_text().replace("model_transaction_policy { decoupled: true }", "")
+    config.write_text(text.replace('{ key: "batching", value: { string_value: "step" } }',
+                                   '{ key: "batching", value: { string_value: "request" } }'))
+    request = GenerationRequest("photo of a <new1> dog", concept_digests=(concept_a,), num_inference_steps=STEPS,
+                                seed=3)
+    ports = [free_port() for _ in range(3)]
+    with start_triton(repository, base_model=str(tiny_base_dir), store_url=store.url, grpc_port=ports[0],
+                      http_port=ports[1], metrics_port=ports[2], host="127.0.0.1") as server:
+        assert_same_images(generate_via_triton(server.grpc_url, MODEL_NAME, request, 120), engine, request)

@@ -37,14 +37,14 @@ def _png(seed: int) -> bytes:
 @pytest.fixture()
 def black_hole():
     """A Triton endpoint that speaks gRPC but never answers an inference: a Generate waits out its deadline."""
-    def never_answer(_request: bytes, context) -> bytes:
+    def never_answer(requests, context):
         while context.is_active():
             time.sleep(0.05)
-        return b""
+        yield from ()
 
     server = grpc.server(futures.ThreadPoolExecutor(16))
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
-        "inference.GRPCInferenceService", {"ModelInfer": grpc.unary_unary_rpc_method_handler(never_answer)})])
+        "inference.GRPCInferenceService", {"ModelStreamInfer": grpc.stream_stream_rpc_method_handler(never_answer)})])
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     yield f"127.0.0.1:{port}"

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 
+from engine.schedulers import SCHEDULERS
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     gen = sub.add_parser("generate", help="generate images with concepts on the local engine (no server)")
     gen.add_argument("--base", required=True, help="diffusers Stable Diffusion directory")
     gen.add_argument("--store", required=True, help="artifact store (directory or fsspec URL) holding the concepts")
-    gen.add_argument("--concept", action="append", default=[], metavar="DIGEST",
+    gen.add_argument("--concept", action=_Concept, default=[], metavar="DIGEST",
                      help="concept artifact digest (repeatable); none uses the plain base")
+    gen.add_argument("--weight", action=_Weight, type=float, dest="concept", metavar="W",
+                     help="weight of the --concept just before it: scales its K/V deltas, 0..2 (default 1)")
     gen.add_argument("--prompt", required=True, help='e.g. "photo of a <new1> dog"')
     gen.add_argument("--negative-prompt", default="", help="classifier-free guidance's negative prompt")
     gen.add_argument("--num-images", type=int, default=1, help="images to generate (1-8; image i uses seed + i)")
@@ -19,11 +23,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--seed", type=int, default=0, help="seed of image 0 (default 0)")
     gen.add_argument("--height", type=int, default=0, help="pixels, multiple of 8 (default: the base's size)")
     gen.add_argument("--width", type=int, default=0, help="pixels, multiple of 8 (default: the base's size)")
-    gen.add_argument("--scheduler", default="", choices=("", "ddim", "dpm_solver_multistep", "euler"),
+    gen.add_argument("--scheduler", default="", choices=SCHEDULERS,
                      help="default: the base's own scheduler")
     gen.add_argument("--device", default="cpu", help="torch device (default cpu)")
     gen.add_argument("--out", required=True, help="directory for the PNG files")
     gen.set_defaults(run=_run)
+
+
+class _Concept(argparse.Action):
+    """--concept DIGEST appends ``[DIGEST, None]`` (weight not given: 1) to a list that --weight amends."""
+
+    def __call__(self, parser, namespace, value, option_string=None) -> None:
+        setattr(namespace, self.dest, [*getattr(namespace, self.dest), [value, None]])
+
+
+class _Weight(argparse.Action):
+    """--weight W sets the weight of the --concept given just before it (once)."""
+
+    def __call__(self, parser, namespace, value, option_string=None) -> None:
+        concepts = getattr(namespace, self.dest)
+        if not concepts or concepts[-1][1] is not None:
+            parser.error(f"--weight {value:g}: give it right after its --concept, once per concept")
+        concepts[-1][1] = value
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -33,7 +54,9 @@ def _run(args: argparse.Namespace) -> int:
     from engine.request import GenerationRequest
 
     request = GenerationRequest(
-        prompt=args.prompt, negative_prompt=args.negative_prompt, concept_digests=tuple(args.concept),
+        prompt=args.prompt, negative_prompt=args.negative_prompt,
+        concept_digests=tuple(d for d, _ in args.concept),
+        concept_weights=tuple(1.0 if w is None else w for _, w in args.concept),
         num_images=args.num_images, num_inference_steps=args.steps, guidance_scale=args.guidance,
         seed=args.seed, height=args.height, width=args.width, scheduler=args.scheduler,
     )

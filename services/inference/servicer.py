@@ -3,35 +3,37 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import secrets
 
+from concepts.errors import DeadlineExceeded, InvalidArgument, quote
 from customdiffusion.v1 import inference_service_pb2 as pb
 from customdiffusion.v1 import inference_service_pb2_grpc
-
-from concepts.errors import DeadlineExceeded
+from engine.request import MAX_CONCEPT_WEIGHT, GenerationRequest
 from services.common.concept_servicer import check_ref
 from services.common.interceptors import current_tenant
 from services.common.quotas import TenantQuotas
 from services.common.registry import Registry
 from services.common.server import Service
-from services.common.settings import Settings
-from engine.request import GenerationRequest
+from services.common.settings import InferenceSettings
 from services.inference.triton_client import generate_via_triton
 
-SCHEDULERS = {pb.SCHEDULER_UNSPECIFIED: "", pb.SCHEDULER_DDIM: "ddim",
-              pb.SCHEDULER_DPM_SOLVER_MULTISTEP: "dpm_solver_multistep", pb.SCHEDULER_EULER: "euler"}
+# The proto enum's values by their names: SCHEDULER_DDIM -> "ddim", SCHEDULER_UNSPECIFIED -> "" (the base's).
+SCHEDULERS = {value.number: "" if value.name == "SCHEDULER_UNSPECIFIED" else value.name.removeprefix("SCHEDULER_").lower()
+              for value in pb.Scheduler.DESCRIPTOR.values}
 DEFAULT_TIMEOUT_S = 300.0
 
 
 class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
-    def __init__(self, settings: Settings, registry: Registry, quotas: TenantQuotas) -> None:
+    def __init__(self, settings: InferenceSettings, registry: Registry, quotas: TenantQuotas) -> None:
         self.settings = settings
         self.registry = registry
         self.quotas = quotas
 
     def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
         # 1. Validate every field before any lookup (GenerationRequest names the field on error).
-        refs = [check_ref(c, f"concepts[{i}]") for i, c in enumerate(request.concepts)]
+        refs = [check_ref(c, f"concepts[{i}]", weighted=True) for i, c in enumerate(request.concepts)]
+        weights = tuple(concept_weight(c, f"concepts[{i}].weight") for i, c in enumerate(request.concepts))
         seed = request.seed if request.HasField("seed") else secrets.randbelow(2**31)
         generation = GenerationRequest(
             prompt=request.prompt,
@@ -48,7 +50,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         # 2. The caller's concepts only: another tenant's concept is NOT_FOUND, never PERMISSION_DENIED.
         tenant = current_tenant()
         digests = tuple(self.registry.get_concept(tenant, r.name, r.version).digest for r in refs)
-        generation = dataclasses.replace(generation, concept_digests=digests)
+        generation = dataclasses.replace(generation, concept_digests=digests, concept_weights=weights)
         # 3. Triton, within what is left of the caller's deadline.
         remaining = context.time_remaining()
         timeout = DEFAULT_TIMEOUT_S if remaining is None else remaining - 0.05
@@ -62,7 +64,17 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         )
 
 
-def inference_service(settings: Settings, registry: Registry, quotas: TenantQuotas) -> Service:
+def concept_weight(ref, field: str) -> float:
+    """A ConceptRef's `weight`: 1.0 when unset, else finite within [0, MAX_CONCEPT_WEIGHT]."""
+    if not ref.HasField("weight"):
+        return 1.0
+    if not (math.isfinite(ref.weight) and 0.0 <= ref.weight <= MAX_CONCEPT_WEIGHT):
+        raise InvalidArgument(field, f"must be within [0, {MAX_CONCEPT_WEIGHT:g}] (unset is 1), "
+                                     f"got {quote(ref.weight)}")
+    return ref.weight
+
+
+def inference_service(settings: InferenceSettings, registry: Registry, quotas: TenantQuotas) -> Service:
     return Service(inference_service_pb2_grpc.add_InferenceServiceServicer_to_server,
                    InferenceServicer(settings, registry, quotas),
                    pb.DESCRIPTOR.services_by_name["InferenceService"].full_name)

@@ -1,23 +1,103 @@
 """A Triton Python model's `execute` around the engine: parse the batch's requests, run them, answer each.
 
 Both repositories' `stable_diffusion/1/model.py` use it (torch in `model_repository`, the ONNX graphs
-by BLS in `model_repository_onnx`). Importable anywhere; `triton_python_backend_utils` is imported when a
-function runs, since only Triton's Python backend stub provides it.
+by BLS in `model_repository_onnx`). `respond` answers a whole `execute` batch when it returns
+(request-level batching, non-decoupled); `submit_decoupled` hands each request to the engine's
+step-level loop and answers it through its response sender when its images are done, so `execute`
+returns at once and Triton's next requests join the running loop (decoupled models). Importable
+anywhere; `triton_python_backend_utils` is imported when a function runs, since only Triton's Python
+backend stub provides it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
+from collections.abc import Mapping
+from concurrent.futures import Future
 
 import numpy as np
 
-from concepts.errors import CustomDiffError
-from engine.engine import Engine, to_png
+from concepts.errors import CustomDiffError, InvalidArgument
+from engine.engine import BATCHING, Engine, to_png
 from engine.request import GenerationRequest
 from services.inference.triton_protocol import error_text
 
 log = logging.getLogger("customdiff.triton")
+
+
+def model_parameters(parameters: Mapping[str, Mapping[str, str]]) -> tuple[str, dict[str, Mapping[str, str]]]:
+    """config.pbtxt's ``batching`` parameter ("request" when absent) and the others (for `ModelSettings`).
+
+    Raises:
+        InvalidArgument: ``batching`` is neither "request" nor "step".
+    """
+    rest = dict(parameters)
+    batching = rest.pop("batching", {}).get("string_value", "request")
+    if batching not in BATCHING:
+        raise InvalidArgument("batching", f"must be one of {list(BATCHING)}, got {batching!r}")
+    return batching, rest
+
+
+def submit_decoupled(engine: Engine, requests: list) -> None:
+    """Decoupled models: queue each request on the engine's step-level loop; answer it when it is done.
+
+    Each request gets exactly one response, its last (``TRITONSERVER_RESPONSE_COMPLETE_FINAL``), from
+    the loop's thread when its images are ready, or at once if it does not parse. A request's Triton
+    `timeout` (the client's deadline) becomes its deadline in the loop.
+    """
+    import triton_python_backend_utils as pb_utils
+
+    for request in requests:
+        sender = request.get_response_sender()
+        timeout_us = request.timeout() if hasattr(request, "timeout") else 0
+        try:
+            future = engine.submit(_parse(request), time.monotonic() + timeout_us / 1e6 if timeout_us else None)
+        except Exception as e:  # noqa: BLE001 - a request that cannot start still gets its one final answer
+            future = Future()
+            future.set_exception(e)
+        future.add_done_callback(lambda done, sender=sender: _answer(sender, done))
+
+
+def _answer(sender, future: Future) -> None:
+    """Send the request's one final response. Every request must get it, even when the client went away:
+    Triton holds a decoupled request (and cannot unload the model) until its final flag is sent."""
+    import triton_python_backend_utils as pb_utils
+
+    final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+    try:
+        sender.send(_response(future), flags=final)
+    except Exception:  # noqa: BLE001 - e.g. the client cancelled its stream
+        log.warning("stable_diffusion: could not send a response; closing the request without one", exc_info=True)
+        try:
+            sender.send(flags=final)
+        except Exception:  # noqa: BLE001 - already closed
+            pass
+
+
+def _response(future: Future):
+    """The response for a finished loop future: its PNGs, or its error (a bug as INTERNAL, logged)."""
+    try:
+        return images_response(future.result())
+    except CustomDiffError as e:
+        return error_response(e)
+    except Exception as e:  # a bug, not a bad request
+        log.exception("stable_diffusion: a request failed in the step loop")
+        return error_response(CustomDiffError(f"internal error: {type(e).__name__}: {e}"))
+
+
+def images_response(images: list[np.ndarray]):
+    """A response with the images as PNG bytes in ``IMAGES`` [1, num_images]."""
+    import triton_python_backend_utils as pb_utils
+
+    pngs = np.array([[to_png(image) for image in images]], dtype=np.object_)
+    return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("IMAGES", pngs)])
+
+
+def _parse(request) -> GenerationRequest:
+    params = json.loads(request.parameters() or "{}")
+    return GenerationRequest.from_parameters(_text(request, "PROMPT"), _text(request, "NEGATIVE_PROMPT"), params)
 
 
 def respond(engine: Engine, requests: list, model: str) -> list:
@@ -26,15 +106,11 @@ def respond(engine: Engine, requests: list, model: str) -> list:
     A request that does not parse gets its own error; an error of the whole batch (a domain error,
     e.g. a BLS call that failed, or a bug) goes to every request that ran.
     """
-    import triton_python_backend_utils as pb_utils
-
     responses: list = [None] * len(requests)
     parsed: list[tuple[int, GenerationRequest]] = []
     for i, request in enumerate(requests):
         try:
-            params = json.loads(request.parameters() or "{}")
-            parsed.append((i, GenerationRequest.from_parameters(
-                _text(request, "PROMPT"), _text(request, "NEGATIVE_PROMPT"), params)))
+            parsed.append((i, _parse(request)))
         except CustomDiffError as e:
             responses[i] = error_response(e)
     try:
@@ -48,8 +124,7 @@ def respond(engine: Engine, requests: list, model: str) -> list:
         if isinstance(result, CustomDiffError):
             responses[i] = error_response(result)
         else:
-            pngs = np.array([[to_png(image) for image in result]], dtype=np.object_)
-            responses[i] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("IMAGES", pngs)])
+            responses[i] = images_response(result)
     return responses
 
 
