@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -14,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 from concepts.store import ArtifactStore
 from customdiff.client import Client
@@ -24,6 +22,7 @@ from services.app import start_stack
 from services.common.quotas import TenantQuotas
 from services.common.registry import TERMINAL_STATES, Registry
 from services.common.settings import Settings
+from tests.trainer_helpers import training_request
 from services.trainer.jobs import MAX_RESUMES, RESUMES_FILE, TrainingJobs
 from services.trainer.launchers.local import LocalProcessLauncher
 from trainer.checkpoint import checkpoint_path, checkpoint_step
@@ -33,23 +32,8 @@ CHECKPOINTING_STEPS = 5
 THREADS = "1"  # the killed job, its resumption and the uninterrupted run compute with the same thread count
 
 
-def _png(seed: int) -> bytes:
-    img = Image.new("RGB", (64, 64), (20, 20, 20))
-    for x in range(0, 64, 8):
-        for y in range(64):
-            img.putpixel(((x + seed) % 64, y), (230, 120, 10))
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return buf.getvalue()
-
-
-def _request() -> tpb.CreateTrainingJobRequest:
-    return tpb.CreateTrainingJobRequest(
-        concepts=[tpb.ConceptSpec(name="stripes", class_prompt="square", num_class_images=1,
-                                  images=[tpb.ImageInput(data=_png(i)) for i in range(2)])],
-        hyperparameters=tpb.Hyperparameters(resolution=64, max_train_steps=STEPS, train_batch_size=1,
-                                            checkpointing_steps=CHECKPOINTING_STEPS),
-        request_id="resume-test")
+def _request():
+    return training_request(STEPS, CHECKPOINTING_STEPS, "resume-test", num_class_images=1)
 
 
 @pytest.fixture()

@@ -1,13 +1,11 @@
 """A trainer service stopped mid-job and started again loses neither the job nor its concept."""
 
-import io
 import os
 import signal
 import time
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from customdiff.client import Client
 from customdiffusion.v1 import resources_pb2
@@ -15,26 +13,12 @@ from customdiffusion.v1 import trainer_service_pb2 as tpb
 from services.app import start_stack
 from services.common.registry import Registry
 from services.common.settings import Settings
+from tests.trainer_helpers import training_request
 from services.trainer.launchers.local import _alive
 
 
-def _png(seed: int) -> bytes:
-    img = Image.new("RGB", (64, 64), (20, 20, 20))
-    for x in range(0, 64, 8):
-        for y in range(64):
-            img.putpixel(((x + seed) % 64, y), (230, 120, 10))
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return buf.getvalue()
-
-
-def _request(steps: int, checkpointing_steps: int = 5) -> tpb.CreateTrainingJobRequest:
-    return tpb.CreateTrainingJobRequest(
-        concepts=[tpb.ConceptSpec(name="stripes", class_prompt="square", num_class_images=2,
-                                  images=[tpb.ImageInput(data=_png(i)) for i in range(2)])],
-        hyperparameters=tpb.Hyperparameters(resolution=64, max_train_steps=steps, train_batch_size=1,
-                                            checkpointing_steps=checkpointing_steps),
-        request_id="restart-test")
+def _request(steps: int, checkpointing_steps: int = 5):
+    return training_request(steps, checkpointing_steps, "restart-test")
 
 
 @pytest.fixture()

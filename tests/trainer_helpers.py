@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Any
 
@@ -39,3 +40,26 @@ def job_dict(base_dir: Path, root: Path, images: list[str], hyperparameters: dic
     }
     spec.update(top)
     return spec
+
+
+def stripes_png(seed: int) -> bytes:
+    """A 64x64 PNG of orange stripes on dark gray, shifted by `seed`: a training image for service tests."""
+    img = Image.new("RGB", (64, 64), (20, 20, 20))
+    for x in range(0, 64, 8):
+        for y in range(64):
+            img.putpixel(((x + seed) % 64, y), (230, 120, 10))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def training_request(steps: int, checkpointing_steps: int, request_id: str, num_class_images: int = 2):
+    """A CreateTrainingJobRequest for the tiny base: two striped 64x64 images, batch 1."""
+    from customdiffusion.v1 import trainer_service_pb2 as tpb
+
+    return tpb.CreateTrainingJobRequest(
+        concepts=[tpb.ConceptSpec(name="stripes", class_prompt="square", num_class_images=num_class_images,
+                                  images=[tpb.ImageInput(data=stripes_png(i)) for i in range(2)])],
+        hyperparameters=tpb.Hyperparameters(resolution=64, max_train_steps=steps, train_batch_size=1,
+                                            checkpointing_steps=checkpointing_steps),
+        request_id=request_id)

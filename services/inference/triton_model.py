@@ -47,8 +47,6 @@ def submit_decoupled(engine: Engine, requests: list) -> None:
     the loop's thread when its images are ready, or at once if it does not parse. A request's Triton
     `timeout` (the client's deadline) becomes its deadline in the loop.
     """
-    import triton_python_backend_utils as pb_utils
-
     for request in requests:
         sender = request.get_response_sender()
         timeout_us = request.timeout() if hasattr(request, "timeout") else 0
