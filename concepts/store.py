@@ -30,10 +30,6 @@ class ArtifactStore:
         """Where the blob with this digest lives (inside the store's filesystem)."""
         return f"{self.root}/sha256/{check_digest(digest)}"
 
-    def uri(self, digest: str) -> str:
-        """A URI for the blob that `get_uri` accepts back."""
-        return f"sha256:{check_digest(digest)}"
-
     def put(self, data: bytes) -> str:
         """Store bytes and return their digest; storing the same bytes twice is a no-op."""
         digest = digest_of(data)
@@ -77,17 +73,24 @@ class ArtifactStore:
     def get_concept(self, digest: str) -> Concept:
         return concept_from_bytes(self.get(digest), source=f"sha256:{digest}")
 
-    def get_registered_concept(self, digest: str) -> Concept:
-        """A concept the registry lists: its blob missing is data loss (DATA_LOSS), not NOT_FOUND."""
+    def get_recorded(self, digest: str) -> bytes:
+        """Bytes of a blob the registry records (a concept's artifact, a tenant's upload): a missing one is
+        data loss (`CorruptArtifact`, DATA_LOSS to callers), not NOT_FOUND."""
         try:
-            return self.get_concept(digest)
+            return self.get(digest)
         except NotFound as e:
-            log.error("registered concept artifact %s is missing from the store %s", digest, self.url)
-            raise CorruptArtifact(f"the artifact of this concept (sha256:{digest}) is missing from the store; "
-                                  "restore it from a backup or delete the concept") from e
+            raise self._lost(digest) from e
 
-    def get_uri(self, uri: str) -> bytes:
-        """Bytes of a ``sha256:<hex>`` URI of this store."""
-        if not uri.startswith("sha256:"):
-            raise NotFound(f"{uri!r} is not a URI of this store; expected sha256:<64 hex>")
-        return self.get(uri.removeprefix("sha256:"))
+    def check_recorded(self, digest: str) -> None:
+        """`CorruptArtifact` when a blob the registry records is missing, without reading it."""
+        if not self.exists(digest):
+            raise self._lost(digest)
+
+    def get_registered_concept(self, digest: str) -> Concept:
+        """A concept the registry lists (`get_recorded`), parsed."""
+        return concept_from_bytes(self.get_recorded(digest), source=f"sha256:{digest}")
+
+    def _lost(self, digest: str) -> CorruptArtifact:
+        log.error("blob %s that the registry records is missing from the store %s", digest, self.url)
+        return CorruptArtifact(f"blob sha256:{digest} is missing from the store; restore it from a backup "
+                               "or delete what names it")

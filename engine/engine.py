@@ -247,6 +247,14 @@ class Engine:
                         [p.request.weights for p in batch for _ in range(1 if p.uncond is None else 2)])
         return text, kv, cond_row, uncond_row
 
+    def initial_latents(self, seeds: list[int], height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+        """Noise [len(seeds), C, h, w] on the UNet's device: row i from torch.Generator().manual_seed(seeds[i]),
+        drawn on the CPU as the pipeline's per-image generators draw it (the parity contract)."""
+        unet = self.base.unet
+        shape = (1, unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        return torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+                          for seed in seeds]).to(unet.device)
+
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """Latents [n, 4, h, w] -> images [n, H, W, 3] float32 in [0, 1], as the pipeline's output_type="np"."""
         images = self.base.vae.decode(latents / self.base.vae.config.scaling_factor, return_dict=False)[0]
@@ -266,9 +274,7 @@ class Engine:
         rows = [uncond_row[samples[s][0]] for s in guided] + [cond_row[j] for j, _ in samples]
         rows_t = torch.tensor(rows, device=device)
         kv_rows, text_rows = expand_kv(kv, rows_t), text.index_select(0, rows_t)
-        shape = (1, unet.config.in_channels, first.height // self.vae_scale_factor, first.width // self.vae_scale_factor)
-        latents = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=text.dtype)
-                             for _, seed in samples]).to(device)
+        latents = self.initial_latents([seed for _, seed in samples], first.height, first.width, text.dtype)
         scheduler = make_scheduler(self.base.scheduler, first.request.scheduler)
         scheduler.set_timesteps(first.request.num_inference_steps, device=device)
         latents = latents * scheduler.init_noise_sigma

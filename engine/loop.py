@@ -30,9 +30,10 @@ import numpy as np
 import torch
 
 from concepts.errors import CustomDiffError, DeadlineExceeded, Unavailable
-from engine.kv import precomputed_kv
+from engine.kv import expand_kv, precomputed_kv
 from engine.onnx_unet import pack_kv
 from engine.request import GenerationRequest
+from engine.schedulers import make_scheduler
 
 if TYPE_CHECKING:
     from engine.engine import Engine, _Prepared
@@ -214,19 +215,13 @@ class StepLoop:
     @torch.inference_mode()
     def _admit(self, waiting: _Waiting) -> None:
         """Text, K/V, initial latents and a fresh scheduler for one request, computed for it alone."""
-        from engine.schedulers import make_scheduler
-        from engine.kv import expand_kv
-
         engine, p = self.engine, waiting.prepared
         device, request = engine.base.unet.device, p.request
         try:
             text, kv, (cond_row,), (uncond_row,) = engine.encode([p])
             n = request.num_images
             rows = torch.tensor(([uncond_row] * n if uncond_row is not None else []) + [cond_row] * n, device=device)
-            shape = (1, engine.base.unet.config.in_channels, p.height // engine.vae_scale_factor,
-                     p.width // engine.vae_scale_factor)
-            latents = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(request.seed + i),
-                                             dtype=text.dtype) for i in range(n)]).to(device)
+            latents = engine.initial_latents([request.seed + i for i in range(n)], p.height, p.width, text.dtype)
             scheduler = make_scheduler(engine.base.scheduler, request.scheduler)
             scheduler.set_timesteps(request.num_inference_steps, device=device)
         except Exception as e:

@@ -12,6 +12,7 @@ from grpc._server import _Context
 
 from concepts.artifact import Concept, LinearDelta
 from concepts.base import BaseModel, kv_layers, load_base
+from concepts.store import ArtifactStore
 from concepts.tiny import create_tiny_base
 
 
@@ -77,6 +78,12 @@ def tiny_base_dir(tmp_path_factory) -> Path:
 def other_base_dir(tmp_path_factory) -> Path:
     """A second tiny base with other weights, hence another fingerprint."""
     return create_tiny_base(tmp_path_factory.mktemp("tiny-base-1"), seed=1)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> ArtifactStore:
+    """An empty artifact store per test module."""
+    return ArtifactStore(str(tmp_path_factory.mktemp("store")))
 
 
 @pytest.fixture()

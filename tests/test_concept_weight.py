@@ -13,7 +13,6 @@ from diffusers import StableDiffusionPipeline
 
 from concepts.apply import add_tokens, apply_concepts
 from concepts.base import load_base
-from concepts.store import ArtifactStore
 from customdiff.__main__ import main
 from customdiff.client import Client, concept_ref
 from engine.engine import Engine
@@ -28,11 +27,6 @@ from tests.conftest import random_concept
 STEPS = 4
 PROMPT = "photo of a <new1> dog"
 TOLERANCE = 1e-4  # the parity tests' (tests/test_inference_engine.py)
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> ArtifactStore:
-    return ArtifactStore(str(tmp_path_factory.mktemp("store")))
 
 
 @pytest.fixture(scope="module")

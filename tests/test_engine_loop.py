@@ -8,7 +8,6 @@ import pytest
 
 from concepts.base import load_base
 from concepts.errors import DeadlineExceeded, InvalidArgument
-from concepts.store import ArtifactStore
 from engine.engine import Engine
 from engine.schedulers import make_scheduler
 from engine.loop import StepLoop
@@ -17,11 +16,6 @@ from tests.conftest import random_concept
 from tests.test_inference_engine import PROMPT, SCHEDULERS, diffusers_images, max_diff
 
 STEPS = 4
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> ArtifactStore:
-    return ArtifactStore(str(tmp_path_factory.mktemp("loop-store")))
 
 
 @pytest.fixture(scope="module")

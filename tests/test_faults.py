@@ -31,7 +31,8 @@ from customdiffusion.v1.merger_service_pb2_grpc import MergerServiceStub
 from services.app import start_stack
 from services.common.settings import Settings
 from services.inference.triton_server import TritonLaunch, overrides_of
-from services.inference.triton_state import STATE_PREFIX, SHM_DIR, StateDir, is_gone, shm_prefix, triton_processes
+from services.common.processes import alive
+from services.inference.triton_state import STATE_PREFIX, SHM_DIR, StateDir, shm_prefix, triton_processes
 from services.inference.triton_supervisor import TritonSupervisor
 from tests.conftest import random_concept
 
@@ -41,7 +42,7 @@ RECOVERY_S = 30.0
 
 
 def leftovers(pids) -> list[int]:
-    return [p for p in pids if not is_gone(p)]
+    return [p for p in pids if alive(p)]
 
 
 def group_of(pid: int) -> dict[int, str]:

@@ -15,14 +15,13 @@ import pytest
 import torch
 
 from concepts.store import ArtifactStore
-from customdiff.client import Client
 from customdiffusion.v1 import resources_pb2
 from customdiffusion.v1 import trainer_service_pb2 as tpb
 from services.app import start_stack
 from services.common.quotas import TenantQuotas
 from services.common.registry import TERMINAL_STATES, Registry
 from services.common.settings import Settings
-from tests.trainer_helpers import training_request
+from tests.trainer_helpers import trainer_client, training_request
 from services.trainer.jobs import MAX_RESUMES, RESUMES_FILE, TrainingJobs
 from services.trainer.launchers.local import LocalProcessLauncher
 from trainer.checkpoint import checkpoint_path, checkpoint_step
@@ -42,11 +41,6 @@ def settings(tmp_path, tiny_base_dir, monkeypatch):
     return Settings(database_url=f"sqlite:///{tmp_path}/registry.db", store_url=str(tmp_path / "store"),
                     work_dir=str(tmp_path / "jobs"), api_keys="key-a=tenant-a", trainer_port=0,
                     base_model=str(tiny_base_dir))
-
-
-def _client(stack) -> Client:
-    target = f"127.0.0.1:{stack.ports['trainer']}"
-    return Client(target, target, target, api_key="key-a")
 
 
 def _wait_for(predicate, timeout_s: float, what: str):
@@ -78,7 +72,7 @@ def _uninterrupted_digest(spec_path: Path, root: Path) -> str:
 
 def test_a_job_killed_with_the_service_resumes_from_its_checkpoint_to_the_same_artifact(settings, tmp_path):
     stack = start_stack(settings, components=("trainer",))
-    client = _client(stack)
+    client = trainer_client(stack)
     job = client.trainer_stub.CreateTrainingJob(_request(), metadata=client.metadata).training_job
     row = Registry(settings.database_url).get_job(job.name.removeprefix("trainingJobs/"))
     work = Path(row.work_dir)
@@ -97,7 +91,7 @@ def test_a_job_killed_with_the_service_resumes_from_its_checkpoint_to_the_same_a
     started = time.monotonic()
     stack = start_stack(settings, components=("trainer",))  # recovers the job: relaunched from its checkpoint
     recovered_s = time.monotonic() - started
-    client = _client(stack)
+    client = trainer_client(stack)
     events = list(client.trainer_stub.WatchTrainingJob(tpb.WatchTrainingJobRequest(name=job.name),
                                                        metadata=client.metadata, timeout=300))
     resumed_s = time.monotonic() - started

@@ -11,7 +11,6 @@ from diffusers import StableDiffusionPipeline
 from concepts.apply import apply_concepts
 from concepts.base import load_base
 from concepts.errors import BaseMismatch, CorruptArtifact, InvalidArgument
-from concepts.store import ArtifactStore
 from customdiff.__main__ import main
 from engine.engine import Engine
 from engine.schedulers import make_scheduler
@@ -22,11 +21,6 @@ from tests.conftest import random_concept
 STEPS = 4
 PROMPT = "photo of a <new1> dog"
 SCHEDULERS = ["", "ddim", "dpm_solver_multistep", "euler"]
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> ArtifactStore:
-    return ArtifactStore(str(tmp_path_factory.mktemp("store")))
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,6 @@ from PIL import Image
 
 from concepts.base import load_base
 from concepts.errors import CorruptArtifact, DeadlineExceeded, InvalidArgument, Unavailable
-from concepts.store import ArtifactStore
 from engine.engine import Engine, to_png
 from engine.request import GenerationRequest
 from services.inference.triton_client import generate_via_triton
@@ -37,11 +36,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory) -> ArtifactStore:
-    return ArtifactStore(str(tmp_path_factory.mktemp("triton-store")))
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from services.common import processes
 from services.trainer.launcher import LaunchRequest, LaunchState
-from services.trainer.launchers import local
 from services.trainer.launchers.local import LocalProcessLauncher
 
 
@@ -51,26 +51,26 @@ def test_each_job_gets_its_share_of_the_cores(tmp_path, monkeypatch, slots, pres
 def test_a_process_that_is_reaped_while_it_is_looked_at_is_gone(monkeypatch, error):
     """A cancel racing the job's exit: /proc/<pid>/stat vanishes between signalling the pid and reading it."""
     looks = iter([True, False])  # the pid still answered kill(pid, 0); by the second look it is gone
-    monkeypatch.setattr(local, "_exists", lambda pid: next(looks))
+    monkeypatch.setattr(processes, "_exists", lambda pid: next(looks))
 
     def stat(pid):
         raise error(2, "No such file or directory")
 
-    monkeypatch.setattr(local, "_proc_stat", stat)
-    assert local._alive(12345) is False
+    monkeypatch.setattr(processes, "_proc_stat", stat)
+    assert processes.alive(12345) is False
 
 
 def test_alive_sees_running_zombie_and_reaped_children():
     proc = subprocess.Popen(["sleep", "30"])
     try:
-        assert local._alive(proc.pid)
+        assert processes.alive(proc.pid)
     finally:
         proc.kill()
     while Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
         time.sleep(0.01)
-    assert not local._alive(proc.pid)  # a zombie of ours counts as gone
+    assert not processes.alive(proc.pid)  # a zombie of ours counts as gone
     proc.wait()
-    assert not local._alive(proc.pid)
+    assert not processes.alive(proc.pid)
 
 
 def test_reattach_does_not_take_a_reused_pid_for_the_job(tmp_path):

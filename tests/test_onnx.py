@@ -20,7 +20,6 @@ from tritonclient.grpc import model_config_pb2
 from concepts.apply import apply_concepts
 from concepts.base import load_base
 from concepts.errors import BaseMismatch, InvalidArgument
-from concepts.store import ArtifactStore
 from customdiff.__main__ import main
 from engine.engine import Engine, to_png
 from engine.kv import compute_kv, install_kv_processors
@@ -58,11 +57,6 @@ def exported(tiny_base_dir, tmp_path_factory) -> tuple[Path, dict]:
     with contextlib.redirect_stdout(stdout):
         assert main(["export-onnx", str(tiny_base_dir), str(out)]) == 0
     return out, json.loads(stdout.getvalue())
-
-
-@pytest.fixture(scope="module")
-def store(tiny_base_dir, tmp_path_factory) -> ArtifactStore:
-    return ArtifactStore(str(tmp_path_factory.mktemp("store")))
 
 
 @pytest.fixture(scope="module")

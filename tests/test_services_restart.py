@@ -13,8 +13,8 @@ from customdiffusion.v1 import trainer_service_pb2 as tpb
 from services.app import start_stack
 from services.common.registry import Registry
 from services.common.settings import Settings
-from tests.trainer_helpers import training_request
-from services.trainer.launchers.local import _alive
+from tests.trainer_helpers import trainer_client, training_request
+from services.common.processes import alive
 
 
 def _request(steps: int, checkpointing_steps: int = 5):
@@ -28,11 +28,6 @@ def settings(tmp_path, tiny_base_dir):
                     base_model=str(tiny_base_dir))
 
 
-def _client(stack) -> Client:
-    target = f"127.0.0.1:{stack.ports['trainer']}"
-    return Client(target, target, target, api_key="key-a")
-
-
 def _wait_running(client: Client, name: str) -> None:
     for event in client.trainer_stub.WatchTrainingJob(tpb.WatchTrainingJobRequest(name=name), metadata=client.metadata,
                                                       timeout=300):
@@ -44,7 +39,7 @@ def _wait_running(client: Client, name: str) -> None:
 def _start_long_job(settings, checkpointing_steps: int = 5):
     """A trainer service with a 2000-step job that has reported progress; returns (stack, client, job, pid)."""
     stack = start_stack(settings, components=("trainer",))
-    client = _client(stack)
+    client = trainer_client(stack)
     job = client.trainer_stub.CreateTrainingJob(_request(2000, checkpointing_steps), metadata=client.metadata)
     job = job.training_job
     _wait_running(client, job.name)
@@ -54,21 +49,21 @@ def _start_long_job(settings, checkpointing_steps: int = 5):
 
 def _wait_gone(pid: int, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
-    while _alive(pid):
+    while alive(pid):
         assert time.monotonic() < deadline, f"process {pid} still runs after {timeout_s} s"
         time.sleep(0.1)
 
 
 def test_restart_mid_job_reattaches_and_registers_the_concept(settings):
     stack = start_stack(settings, components=("trainer",))
-    client = _client(stack)
+    client = trainer_client(stack)
     job = client.trainer_stub.CreateTrainingJob(_request(steps=60), metadata=client.metadata).training_job
     _wait_running(client, job.name)
     client.close()
     stack.stop(0)  # the service goes away; the training process (its own session) runs on
 
     stack = start_stack(settings, components=("trainer",))
-    client = _client(stack)
+    client = trainer_client(stack)
     again = client.trainer_stub.CreateTrainingJob(_request(steps=60), metadata=client.metadata).training_job
     assert again.name == job.name  # same request_id after the restart: still one job
     events = list(client.trainer_stub.WatchTrainingJob(tpb.WatchTrainingJobRequest(name=job.name),
@@ -90,7 +85,7 @@ def test_job_that_died_before_a_checkpoint_while_the_service_was_down_is_failed_
     _wait_gone(pid, 30)
 
     stack = start_stack(settings, components=("trainer",))
-    client = _client(stack)
+    client = trainer_client(stack)
     final = list(client.trainer_stub.WatchTrainingJob(tpb.WatchTrainingJobRequest(name=job.name),
                                                       metadata=client.metadata, timeout=60))[-1].training_job
     assert final.state == resources_pb2.JOB_STATE_FAILED

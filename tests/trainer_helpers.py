@@ -63,3 +63,11 @@ def training_request(steps: int, checkpointing_steps: int, request_id: str, num_
         hyperparameters=tpb.Hyperparameters(resolution=64, max_train_steps=steps, train_batch_size=1,
                                             checkpointing_steps=checkpointing_steps),
         request_id=request_id)
+
+
+def trainer_client(stack, api_key: str = "key-a"):
+    """A Client of a started stack's trainer server (its ConceptService answers too)."""
+    from customdiff.client import Client
+
+    target = f"127.0.0.1:{stack.ports['trainer']}"
+    return Client(target, target, target, api_key=api_key)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Self
 
 from concepts.errors import Unavailable
+from services.common.processes import describe_exit
 from services.inference.triton_client import new_client
 from services.inference.triton_protocol import ENV_OVERRIDES, MODEL_NAME
 from services.inference.triton_state import StateDir, shm_prefix
@@ -79,16 +80,6 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass
-
-
-def describe_exit(code: int) -> str:
-    """A Popen return code in words: "exited with code 1", "was killed by SIGKILL"."""
-    if code >= 0:
-        return f"exited with code {code}"
-    try:
-        return f"was killed by {signal.Signals(-code).name}"
-    except ValueError:
-        return f"was killed by signal {-code}"
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import IO
 
 from concepts.errors import Unavailable
+from services.common.processes import alive
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +60,6 @@ def triton_processes() -> dict[int, str]:
     return found
 
 
-def is_gone(pid: int) -> bool:
-    """True when `pid` no longer runs (absent, or a zombie waiting to be reaped)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return True
-    return fields[0] in ("Z", "X")
-
-
 def kill_and_wait(pids: list[int], timeout_s: float = 10.0) -> None:
     """SIGKILL `pids` and wait (bounded) until none of them runs."""
     for pid in pids:
@@ -76,7 +68,7 @@ def kill_and_wait(pids: list[int], timeout_s: float = 10.0) -> None:
         except (ProcessLookupError, PermissionError):
             pass
     deadline = time.monotonic() + timeout_s
-    while any(not is_gone(p) for p in pids) and time.monotonic() < deadline:
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
 
 

@@ -17,7 +17,8 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Self
 
-from services.inference.triton_server import (TritonLaunch, TritonServer, acquire_state, describe_exit, spawn,
+from services.common.processes import describe_exit
+from services.inference.triton_server import (TritonLaunch, TritonServer, acquire_state, spawn,
                                               wait_ready)
 from services.common.server import StopSignals
 from services.inference.triton_state import StateDir

@@ -97,8 +97,7 @@ class MergerServicer(merger_service_pb2_grpc.MergerServiceServicer):
 
     def _with_artifact(self, row):
         """The concept row, or DATA_LOSS when the store lost its artifact (checked before a job is queued)."""
-        if not self.jobs.store.exists(row.digest):
-            self.jobs.store.get_registered_concept(row.digest)  # raises CorruptArtifact, logging the store
+        self.jobs.store.check_recorded(row.digest)
         return row
 
     def _get(self, name: str):

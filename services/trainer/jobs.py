@@ -12,6 +12,7 @@ continues bit-exactly from the checkpoint's step. Launchers that rerun dead proc
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -42,11 +43,15 @@ RESUMES_FILE = "resumes"
 
 @dataclass(frozen=True)
 class ImageBlob:
-    """One training image: its bytes and where it came from (for error messages)."""
+    """One training image: its bytes, where it came from (for error messages), and its sha256 (hashed once)."""
 
     data: bytes
     field: str
     caption: str = ""
+    digest: str = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "digest", hashlib.sha256(self.data).hexdigest())
 
 
 @dataclass(frozen=True)
@@ -99,8 +104,7 @@ class TrainingJobs:
             existing = self.registry.job_by_request_id(tenant, KIND, request.request_id)
             if existing is not None:
                 return existing, False
-        blobs = {hashlib.sha256(b.data).hexdigest(): b.data for group in request.images + request.class_images
-                 for b in group}
+        blobs = {b.digest: b.data for group in request.images + request.class_images for b in group}
         # 1. Quotas before anything is written.
         self.quotas.check_training_jobs(tenant)
         self.quotas.check_storage(tenant, sum(len(d) for k, d in blobs.items() if not self.registry.owns_blob(tenant, k)))

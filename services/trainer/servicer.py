@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 
@@ -137,8 +136,8 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
         summary = json_format.MessageToDict(request)
         for c, blobs, class_blobs in zip(summary["concepts"], images, class_images):
             # keep digests, not megabytes of base64, in the registry
-            c["images"] = [f"sha256:{hashlib.sha256(b.data).hexdigest()}" for b in blobs]
-            c["classImages"] = [f"sha256:{hashlib.sha256(b.data).hexdigest()}" for b in class_blobs]
+            c["images"] = [f"sha256:{b.digest}" for b in blobs]
+            c["classImages"] = [f"sha256:{b.digest}" for b in class_blobs]
         summary["conceptNames"] = names
         return TrainingRequest(concept_name, request.request_id, spec, images, class_images,
                                resources.gpus_per_node, nodes, summary)
@@ -164,9 +163,9 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
         if not self.registry.owns_blob(tenant, digest):
             raise NotFound(f"{field}: no image sha256:{digest} among this tenant's uploads")
         try:
-            return self.store.get(digest)
-        except NotFound as e:
-            raise CorruptArtifact(f"{field}: the image sha256:{digest} is missing from the store") from e
+            return self.store.get_recorded(digest)
+        except CorruptArtifact as e:
+            raise CorruptArtifact(f"{field}: {e}") from e
 
     @staticmethod
     def _hyperparameters(h: pb.Hyperparameters) -> dict:

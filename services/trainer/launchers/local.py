@@ -21,6 +21,7 @@ from collections import deque
 from pathlib import Path
 from typing import Callable
 
+from services.common.processes import alive, describe_exit
 from services.trainer.launcher import LaunchEvent, LaunchRequest, LaunchState, last_error, outcome_from_work_dir
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ class LocalProcessLauncher:
     def reattach(self, job_id: str, work_dir: str) -> tuple[LaunchState, str]:
         pid_file = Path(work_dir) / "pid"
         pid = int(pid_file.read_text()) if pid_file.exists() else None
-        if pid is not None and _alive(pid) and _runs_in(pid, work_dir):  # not a reused pid after a reboot
+        if pid is not None and alive(pid) and _runs_in(pid, work_dir):  # not a reused pid after a reboot
             with self._lock:
                 self._running[job_id] = pid
             threading.Thread(target=self._poll_pid, args=(job_id, pid, Path(work_dir)), daemon=True,
@@ -120,7 +121,7 @@ class LocalProcessLauncher:
         self._finish(request.job_id, Path(request.work_dir), code)
 
     def _poll_pid(self, job_id: str, pid: int, work: Path) -> None:
-        while _alive(pid) and not self._closed.is_set():
+        while alive(pid) and not self._closed.is_set():
             time.sleep(0.5)
         self._finish(job_id, work, exit_code=None)
 
@@ -154,45 +155,8 @@ def _final_state(work: Path, exit_code: int | None) -> tuple[LaunchState, str]:
         state, message = outcome_from_work_dir(str(work))
         if state is not LaunchState.PENDING:
             return state, message
-    reason = f"the training process {_exit_text(exit_code)}; see the job's train.log"
+    reason = f"the training process {describe_exit(exit_code)}; see the job's train.log"
     return LaunchState.FAILED, last_error(work) or reason
-
-
-def _exit_text(exit_code: int | None) -> str:
-    """'exited with code 3', 'was killed by SIGKILL' (the OOM killer's signal, too)."""
-    if exit_code is not None and exit_code < 0:
-        try:
-            return f"was killed by {signal.Signals(-exit_code).name}"
-        except ValueError:
-            return f"was killed by signal {-exit_code}"
-    return f"exited with code {exit_code}"
-
-
-def _exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: it exists
-        pass
-    return True
-
-
-def _proc_stat(pid: int) -> str:
-    return Path(f"/proc/{pid}/stat").read_text()
-
-
-def _alive(pid: int) -> bool:
-    """Whether the process exists and is not a zombie (a zombie child of ours counts as gone)."""
-    if not _exists(pid):
-        return False
-    try:
-        stat = _proc_stat(pid)
-    except (FileNotFoundError, ProcessLookupError):
-        # Reaped between the two looks (a cancel racing the exit), or a system without /proc.
-        return _exists(pid) and not Path("/proc/self/stat").exists()
-    # The state follows the command name, which is in parentheses and may itself hold spaces.
-    return stat[stat.rindex(")") + 2:].split()[0] != "Z"
 
 
 def _runs_in(pid: int, work_dir: str) -> bool:
@@ -215,9 +179,9 @@ def _terminate(pid: int) -> None:
     except ProcessLookupError:
         return
     deadline = time.monotonic() + KILL_GRACE_S
-    while time.monotonic() < deadline and _alive(pid):
+    while time.monotonic() < deadline and alive(pid):
         time.sleep(0.1)
-    if _alive(pid):
+    if alive(pid):
         try:
             os.killpg(pid, signal.SIGKILL)
         except ProcessLookupError:
