@@ -2,6 +2,7 @@
 
     python benchmarks/serving.py [--steps 10] [--rounds 10] [--no-triton] [--wall-clock] [--base DIR]
     python benchmarks/serving.py --arrivals poisson [--rate R | --load 0.7] [--duration 20] [--base DIR]
+    python benchmarks/serving.py --telemetry [--steps 10] [--rounds 10] [--base DIR]
 
 Builds the tiny base (or uses --base) and a store of compressed (low-rank) concepts in a temporary
 directory, then measures (the fastest of --rounds interleaved rounds, warm unless said otherwise):
@@ -32,6 +33,13 @@ times the capacity measured first (back-to-back full request-level batches of 8)
 other tenants of a shared machine, time is virtual: the clock advances by the CPU seconds (one thread)
 each batch, step, admission and decode took, and arrivals are scheduled on that clock. The JSON has
 p50_s, p95_s and throughput_rps per mode, p95_ratio and throughput_ratio (step / request).
+
+--telemetry: what metrics, tracing and JSON logs cost. Two whole stacks (`customdiff serve`: the three
+services and a tritonserver each) on one registry and store: one with a /metrics port, spans exported
+over OTLP to a receiver this process runs, and JSON logs; one with all of them off. Rounds of 8
+concurrent Generate calls over the 8 concepts alternate between them; a round's cost is the CPU
+seconds of its stack's process tree (or the wall clock with --wall-clock). The JSON has
+overhead_ratio (fastest round on / off, the goal is <= 1.02), median_ratio, and the spans received.
 """
 
 from __future__ import annotations
@@ -295,6 +303,70 @@ def poisson(engine: Engine, digests: list[str], rate: float | None, load: float,
     return result
 
 
+def telemetry_overhead(tmp: Path, base_dir: Path, store: ArtifactStore, base: BaseModel, digests: list[str],
+                       steps: int, rounds: int, cpu_clock: bool) -> dict[str, float]:
+    """The same Generate calls through a stack with metrics, tracing and JSON logs and one without (module doc)."""
+    from concurrent import futures
+
+    import grpc
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+    from customdiff.client import Client
+    from customdiff.local import free_port, start_serve
+    from services.common.registry import Registry
+
+    spans = [0]
+
+    class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
+        def Export(self, request, context):
+            spans[0] += sum(len(s.spans) for r in request.resource_spans for s in r.scope_spans)
+            return trace_service_pb2.ExportTraceServiceResponse()
+
+    receiver = grpc.server(futures.ThreadPoolExecutor(2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Receiver(), receiver)
+    otlp = f"127.0.0.1:{receiver.add_insecure_port('127.0.0.1:0')}"
+    receiver.start()
+    database = f"sqlite:///{tmp}/registry.db"
+    registry = Registry(database)
+    registry.migrate()
+    for i, digest in enumerate(digests):
+        registry.add_concept("bench", f"c{i}", digest, [f"<c{i}>"], ["dog"], len(store.get(digest)), base.fingerprint, {})
+    common = dict(api_keys="key-bench=bench", base_model=str(base_dir), database_url=database, store_url=store.url)
+    stacks, clients = {}, {}
+    try:
+        for mode, extra in (("on", dict(metrics_port=free_port(), otlp_endpoint=otlp, log_format="json")), ("off", {})):
+            log(f"starting the stack with telemetry {mode}")
+            stacks[mode], ports = start_serve(tmp / mode, **common, **extra)
+            clients[mode] = Client(*(f"127.0.0.1:{ports[c]}" for c in ("trainer", "merger", "inference")),
+                                   api_key="key-bench")
+        pool = ThreadPoolExecutor(N)
+
+        def round_of(mode: str) -> Callable[[], None]:
+            def run() -> None:
+                list(pool.map(lambda i: clients[mode].generate(f"photo of a <c{i}> dog", [f"c{i}"], seed=i,
+                                                               num_inference_steps=steps), range(N)))
+            return run
+
+        for mode in stacks:  # warm: every concept cached, every code path run once
+            round_of(mode)()
+        costs: dict[str, list[float]] = {mode: [] for mode in stacks}
+        for _ in range(rounds):
+            for mode, proc in stacks.items():
+                clock = (lambda pid=proc.pid: process_tree_cpu_seconds(pid)) if cpu_clock else time.perf_counter
+                costs[mode].append(seconds(round_of(mode), clock))
+        pool.shutdown()
+    finally:
+        for client in clients.values():
+            client.close()
+        for proc in stacks.values():
+            proc.terminate()
+            proc.wait(timeout=120)
+        receiver.stop(0)
+    return {"overhead_ratio": min(costs["on"]) / min(costs["off"]),
+            "median_ratio": statistics.median(costs["on"]) / statistics.median(costs["off"]),
+            "round_s_off": min(costs["off"]), "spans_received": float(spans[0])}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--base", help="diffusers SD directory (default: the tiny base, built here)")
@@ -307,6 +379,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, help="arrivals per (CPU) second (default: --load x capacity)")
     parser.add_argument("--load", type=float, default=0.7, help="offered load as a fraction of capacity")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds (virtual) of arrivals")
+    parser.add_argument("--telemetry", action="store_true", help="metrics, tracing and JSON logs on / off")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cpu_clock = device == "cpu" and not args.wall_clock
@@ -320,6 +393,12 @@ def main() -> None:
         base = load_base(base_dir)
         concepts = [compressed_concept(base, i, f"<c{i}>") for i in range(N)]
         digests = [store.put_concept(c) for c in concepts]
+        if args.telemetry:
+            result = telemetry_overhead(Path(tmp), base_dir, store, base, digests, args.steps, args.rounds, cpu_clock)
+            result.update(steps=args.steps, rounds=args.rounds, clock="cpu seconds of the stack's process tree"
+                          if cpu_clock else "wall seconds", load_avg=round(os.getloadavg()[0], 2))
+            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
+            return
         if args.arrivals:
             engine = Engine.from_paths(base_dir, store.url, device=device)
             result = poisson(engine, digests, args.rate, args.load, args.duration,

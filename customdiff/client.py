@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import grpc
+from opentelemetry.propagate import inject
 
 from customdiffusion.v1 import (concept_service_pb2, concept_service_pb2_grpc, inference_service_pb2,
                                 inference_service_pb2_grpc, merger_service_pb2, merger_service_pb2_grpc,
@@ -21,6 +22,43 @@ def concept_ref(concept: str | tuple[str, float]) -> resources_pb2.ConceptRef:
         return resources_pb2.ConceptRef(name=concept)
     name, weight = concept
     return resources_pb2.ConceptRef(name=name, weight=weight)
+
+
+class _PropagatingInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                              grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Appends the current trace context to every call's metadata, leaving the caller's entries as they
+    are (the grpc instrumentation's client interceptor folds repeated keys into one)."""
+
+    def _with_context(self, details):
+        carrier: dict[str, str] = {}
+        inject(carrier)
+        if not carrier:
+            return details
+        metadata = (*(details.metadata or ()), *carrier.items())
+        return _CallDetails(details.method, details.timeout, metadata, details.credentials,
+                            details.wait_for_ready, details.compression)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_context(details), request)
+
+    intercept_unary_stream = intercept_unary_unary
+
+    def intercept_stream_unary(self, continuation, details, request_iterator):
+        return continuation(self._with_context(details), request_iterator)
+
+    intercept_stream_stream = intercept_stream_unary
+
+
+class _CallDetails(grpc.ClientCallDetails):
+    def __init__(self, method, timeout, metadata, credentials, wait_for_ready, compression) -> None:
+        self.method, self.timeout, self.metadata = method, timeout, metadata
+        self.credentials, self.wait_for_ready, self.compression = credentials, wait_for_ready, compression
+
+
+def traced_channel(channel: grpc.Channel) -> grpc.Channel:
+    """`channel` sending the current trace context (`traceparent` metadata) with every call, so the
+    servers' spans join the caller's trace."""
+    return grpc.intercept_channel(channel, _PropagatingInterceptor())
 
 
 class JobFailed(RuntimeError):
@@ -43,7 +81,9 @@ class Client:
 
     def __post_init__(self) -> None:
         options = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
-        self._channels = [grpc.insecure_channel(t, options=options) for t in (self.trainer, self.merger, self.inference)]
+        # Calls carry the current trace context (`traceparent` metadata): the servers' spans join the caller's trace.
+        self._channels = [traced_channel(grpc.insecure_channel(t, options=options))
+                          for t in (self.trainer, self.merger, self.inference)]
         self.trainer_stub = trainer_service_pb2_grpc.TrainerServiceStub(self._channels[0])
         self.merger_stub = merger_service_pb2_grpc.MergerServiceStub(self._channels[1])
         self.inference_stub = inference_service_pb2_grpc.InferenceServiceStub(self._channels[2])

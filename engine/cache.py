@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import torch
 
 from concepts.artifact import Concept, LinearDelta, check_digest
 from concepts.store import ArtifactStore
+from engine.telemetry import EngineObserver, tracer
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +62,12 @@ class ConceptCache:
         device_bytes: budget of the device tier.
         host_bytes: budget of the host tier that device evictions move to (0: none, as the engine
             sets it on the CPU, where both tiers would be the same memory).
+        observer: told of hits, misses and evictions per tier, the tiers' bytes and load times.
     """
 
     def __init__(self, store: ArtifactStore, validate: Callable[[str, Concept], None],
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 device_bytes: int = 1 << 30, host_bytes: int = 0) -> None:
+                 device_bytes: int = 1 << 30, host_bytes: int = 0, observer: EngineObserver | None = None) -> None:
         self.store = store
         self.validate = validate
         self.device = torch.device(device)
@@ -75,6 +78,7 @@ class ConceptCache:
         self._host: OrderedDict[str, Concept] = OrderedDict()
         self._lock = threading.Lock()
         self.stats = CacheStats()
+        self.observer = observer or EngineObserver()
 
     def get(self, digest: str) -> Concept:
         """The concept with this digest, on the engine's device in its dtype.
@@ -87,18 +91,29 @@ class ConceptCache:
         """
         digest = check_digest(digest)
         with self._lock:
-            if digest in self._device:
+            hit = digest in self._device
+            if hit:
                 self._device.move_to_end(digest)
                 self.stats.hits += 1
-                return self._device[digest]
-            demoted = self._host.pop(digest, None)
-            if demoted is not None:
-                self.stats.host_hits += 1
-                self.stats.host_bytes -= demoted.nbytes
+                concept = self._device[digest]
+            else:
+                demoted = self._host.pop(digest, None)
+                if demoted is not None:
+                    self.stats.host_hits += 1
+                    self.stats.host_bytes -= demoted.nbytes
+        if hit:
+            self.observer.cache_hit("device")
+            return concept
+        self.observer.cache_miss("device")
+        if self.host_budget:
+            (self.observer.cache_miss if demoted is None else self.observer.cache_hit)("host")
         if demoted is None:
-            concept = self.store.get_registered_concept(digest)
-            self.validate(digest, concept)
-            concept = concept_to(concept, self.device, self.dtype)
+            started = time.perf_counter()
+            with tracer.start_as_current_span("engine.concept_load", attributes={"concept.digest": digest}):
+                concept = self.store.get_registered_concept(digest)
+                self.validate(digest, concept)
+                concept = concept_to(concept, self.device, self.dtype)
+            self.observer.concept_loaded(time.perf_counter() - started)
         else:
             concept = concept_to(demoted, self.device, self.dtype)
         # Loaded (or promoted) before anything is evicted: a failing load leaves the cache as it was.
@@ -110,6 +125,7 @@ class ConceptCache:
             log.warning("concept %s (%d bytes) exceeds the cache budget (%d bytes); serving it uncached",
                         digest, size, self.device_budget)
             return concept
+        evicted: list[str] = []  # tiers, reported once the lock is released
         with self._lock:
             if loaded:
                 self.stats.loads += 1
@@ -120,10 +136,16 @@ class ConceptCache:
             while self.stats.device_bytes > self.device_budget:
                 old_digest, old = self._device.popitem(last=False)
                 self.stats.device_bytes -= old.nbytes
-                self._demote(old_digest, old)
+                evicted.append("device")
+                self._demote(old_digest, old, evicted)
+            sizes = {"device": self.stats.device_bytes, "host": self.stats.host_bytes}
+        for tier in evicted:
+            self.observer.cache_eviction(tier)
+        for tier, nbytes in sizes.items():
+            self.observer.cache_bytes(tier, nbytes)
         return concept
 
-    def _demote(self, digest: str, concept: Concept) -> None:
+    def _demote(self, digest: str, concept: Concept, evicted: list[str]) -> None:
         """Move a device eviction to the host tier, evicting from there as needed. Holds the lock."""
         if concept.nbytes > self.host_budget:
             self.stats.evictions += 1
@@ -134,6 +156,7 @@ class ConceptCache:
             _, old = self._host.popitem(last=False)
             self.stats.host_bytes -= old.nbytes
             self.stats.evictions += 1
+            evicted.append("host")
 
     def cached(self) -> tuple[list[str], list[str]]:
         """Digests in the device tier and in the host tier, least recently used first."""

@@ -12,24 +12,30 @@ from __future__ import annotations
 import io
 import logging
 import threading
+import time
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from opentelemetry import context as otel_context
+from opentelemetry.context import Context
 
 from concepts.apply import check_base
 from concepts.artifact import Concept
 from concepts.base import BaseModel, load_base
 from concepts.errors import CorruptArtifact, CustomDiffError, InvalidArgument
 from concepts.store import ArtifactStore
+from concepts.tracing import attached
 from engine.cache import ConceptCache
 from engine.kv import compute_kv, expand_kv, install_kv_processors, precomputed_kv
 from engine.loop import StepLoop
 from engine.onnx_unet import KVUNet, onnx_unet
 from engine.request import GenerationRequest
 from engine.schedulers import make_scheduler
+from engine.telemetry import EngineObserver, spans, tracer
 from engine.text import PromptEncoder, TokenizedPrompt
 
 log = logging.getLogger(__name__)
@@ -39,7 +45,8 @@ BATCHING = ("request", "step")
 
 @dataclass(frozen=True)
 class _Prepared:
-    """A request resolved against the cache and tokenized; `uncond` only with guidance."""
+    """A request resolved against the cache and tokenized; `uncond` only with guidance; `context` is the
+    trace its spans hang under."""
 
     request: GenerationRequest
     concepts: tuple[Concept, ...]
@@ -47,6 +54,7 @@ class _Prepared:
     uncond: TokenizedPrompt | None
     height: int
     width: int
+    context: Context | None = None
 
 
 def to_png(image: np.ndarray) -> bytes:
@@ -75,17 +83,21 @@ class Engine:
         batching: "request" runs each `generate_batch` call's requests as whole denoising loops, one per
             (size, steps, scheduler); "step" hands them to the step-level loop (`loop.py`), which
             admits and retires requests at every step boundary, whatever their steps or scheduler.
+        observer: receives the cache's, the batches' and the requests' metric events (`telemetry.py`).
     """
 
     def __init__(self, base: BaseModel, store: ArtifactStore, cache_bytes: int = 1 << 30,
                  host_cache_bytes: int = 0, max_batch_images: int = 16,
-                 unet_runner: KVUNet | None = None, batching: str = "request") -> None:
+                 unet_runner: KVUNet | None = None, batching: str = "request",
+                 observer: EngineObserver | None = None) -> None:
         from diffusers.image_processor import VaeImageProcessor
 
         self.base = base
         device = base.unet.device
+        self.observer = observer or EngineObserver()
         self.cache = ConceptCache(store, self.validate_concept, device=device, dtype=base.unet.dtype,
-                                  device_bytes=cache_bytes, host_bytes=0 if device.type == "cpu" else host_cache_bytes)
+                                  device_bytes=cache_bytes, host_bytes=0 if device.type == "cpu" else host_cache_bytes,
+                                  observer=self.observer)
         if batching not in BATCHING:
             raise InvalidArgument("batching", f"must be one of {list(BATCHING)}, got {batching!r}")
         self.max_batch_images = max_batch_images
@@ -105,14 +117,14 @@ class Engine:
     def from_paths(cls, base_dir: str | Path, store_url: str, device: str = "cpu",
                    dtype: torch.dtype = torch.float32, cache_bytes: int = 1 << 30, host_cache_bytes: int = 0,
                    max_batch_images: int = 16, unet_backend: str = "torch", unet_onnx: str = "",
-                   batching: str = "request") -> Engine:
+                   batching: str = "request", observer: EngineObserver | None = None) -> Engine:
         """Load the base from a diffusers directory and serve concepts from the store at `store_url`.
 
         `unet_backend` "onnxruntime" runs the UNet exported to `unet_onnx` by `customdiff export-onnx`.
         """
         base = load_base(base_dir, dtype=dtype, device=device)
         return cls(base, ArtifactStore(store_url), cache_bytes, host_cache_bytes, max_batch_images,
-                   unet_runner=onnx_unet(unet_backend, unet_onnx, base), batching=batching)
+                   unet_runner=onnx_unet(unet_backend, unet_onnx, base), batching=batching, observer=observer)
 
     def validate_concept(self, digest: str, concept: Concept) -> None:
         """Refuse a concept this base cannot serve (the cache calls this once per load).
@@ -142,20 +154,26 @@ class Engine:
         """The request's images as PNG bytes."""
         return [to_png(image) for image in self.generate(request)]
 
-    def generate_batch(self, requests: list[GenerationRequest]) -> list[list[np.ndarray] | CustomDiffError]:
+    def generate_batch(self, requests: list[GenerationRequest], contexts: Sequence[Context | None] | None = None,
+                       ) -> list[list[np.ndarray] | CustomDiffError]:
         """Images of every request, or the domain error that request alone failed with.
+
+        Args:
+            contexts: per request, the trace its spans hang under (None: the current one).
 
         Returns:
             one entry per request, in order: its images ([H, W, 3] float32 in [0, 1]) or its error.
         """
+        contexts = list(contexts) if contexts is not None else [None] * len(requests)
         if self.batching == "step":
-            return [_outcome(future) for future in [self.submit(r) for r in requests]]
+            return [_outcome(f) for f in [self.submit(r, context=c) for r, c in zip(requests, contexts)]]
+        started = time.perf_counter()
         # 1. Resolve concepts and tokenize; a failing request fails alone.
         results: list[list[np.ndarray] | CustomDiffError | None] = [None] * len(requests)
         groups: dict[tuple[int, int, int, str], list[tuple[int, _Prepared]]] = {}
-        for i, request in enumerate(requests):
+        for i, (request, context) in enumerate(zip(requests, contexts)):
             try:
-                prepared = self._prepare(request)
+                prepared = self._prepare(request, context)
             except CustomDiffError as e:
                 results[i] = e
                 continue
@@ -167,6 +185,7 @@ class Engine:
                 images = self._run([p for _, p in chunk])
                 for (i, _), imgs in zip(chunk, images):
                     results[i] = imgs
+                    self.observer.generated(time.perf_counter() - started)
         return results
 
     @property
@@ -178,16 +197,18 @@ class Engine:
                 self._loop.start()
             return self._loop
 
-    def submit(self, request: GenerationRequest, deadline: float | None = None) -> Future:
+    def submit(self, request: GenerationRequest, deadline: float | None = None, context: Context | None = None,
+               ) -> Future:
         """Hand `request` to the running step-level loop (thread-safe, either batching mode).
 
         Args:
             deadline: `time.monotonic()` by which it must finish, else its future fails with DeadlineExceeded.
+            context: the trace its spans hang under (None: the current one).
 
         Returns:
             a future of its images ([H, W, 3] float32 in [0, 1]) or of its domain error.
         """
-        return self.loop.submit(request, deadline)
+        return self.loop.submit(request, deadline, context)
 
     def close(self) -> None:
         """Stop the step-level loop, if it runs; what it still holds fails as Unavailable."""
@@ -208,7 +229,11 @@ class Engine:
             count += n
         return chunks
 
-    def _prepare(self, request: GenerationRequest) -> _Prepared:
+    def _prepare(self, request: GenerationRequest, context: Context | None = None) -> _Prepared:
+        with attached(context):
+            return self._resolve(request, context)
+
+    def _resolve(self, request: GenerationRequest, context: Context | None) -> _Prepared:
         concepts = tuple(self.cache.get(d) for d in request.concept_digests)
         embeddings: dict[str, torch.Tensor] = {}
         owner: dict[str, str] = {}
@@ -219,11 +244,13 @@ class Engine:
                                                              f"both define modifier token {token!r}")
                 owner[token.lower()] = digest
                 embeddings[token] = embedding
-        cond = self.prompts.tokenize(request.prompt, embeddings, "prompt")
-        uncond = self.prompts.tokenize(request.negative_prompt, embeddings, "negative_prompt") \
-            if request.do_guidance else None
+        with tracer.start_as_current_span("engine.tokenize"):
+            cond = self.prompts.tokenize(request.prompt, embeddings, "prompt")
+            uncond = self.prompts.tokenize(request.negative_prompt, embeddings, "negative_prompt") \
+                if request.do_guidance else None
         default = self.base.unet.config.sample_size * self.vae_scale_factor
-        return _Prepared(request, concepts, cond, uncond, request.height or default, request.width or default)
+        return _Prepared(request, concepts, cond, uncond, request.height or default, request.width or default,
+                         context or otel_context.get_current())
 
     def encode(self, batch: list[_Prepared]) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]],
                                                      list[int], list[int | None]]:
@@ -264,9 +291,10 @@ class Engine:
     def _run(self, batch: list[_Prepared]) -> list[list[np.ndarray]]:
         """One UNet batch: requests agreeing on size, steps and scheduler."""
         unet, device = self.base.unet, self.base.unet.device
-        first = batch[0]
+        first, contexts = batch[0], [p.context for p in batch]
         # 2.1 Text rows (a prompt, and a negative prompt with guidance, per request) and their K/V.
-        text, kv, cond_row, uncond_row = self.encode(batch)
+        with spans("engine.kv", contexts):
+            text, kv, cond_row, uncond_row = self.encode(batch)
         # 2.2 Samples: image i of a request starts from torch.Generator().manual_seed(seed + i).
         samples = [(j, p.request.seed + i) for j, p in enumerate(batch) for i in range(p.request.num_images)]
         guided = [s for s, (j, _) in enumerate(samples) if batch[j].uncond is not None]
@@ -283,8 +311,10 @@ class Engine:
                              device=device, dtype=latents.dtype).view(-1, 1, 1, 1)
         # 2.3 Denoising loop; the K/V above serve every step (an exported UNet takes them as inputs).
         step = self.unet_runner.bind(kv_rows) if self.unet_runner is not None else None
-        with precomputed_kv(kv_rows):
+        concepts = len({d for p in batch for d in p.request.concept_digests})
+        with precomputed_kv(kv_rows), spans("engine.denoise", contexts):
             for t in scheduler.timesteps:
+                self.observer.batch(len(samples), concepts)
                 model_input = scheduler.scale_model_input(torch.cat([latents[guided_t], latents]), t)
                 if step is not None:
                     noise = step(model_input, t)
@@ -295,7 +325,8 @@ class Engine:
                 noise[guided_t] = uncond + scale * (cond[guided_t] - uncond)
                 latents = scheduler.step(noise, t, latents, return_dict=False)[0]
         # 2.4 Decode, as the pipeline's output_type="np".
-        images = self.decode(latents)
+        with spans("engine.decode", contexts):
+            images = self.decode(latents)
         out, start = [], 0
         for p in batch:
             out.append(list(images[start: start + p.request.num_images]))

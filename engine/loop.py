@@ -28,12 +28,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from opentelemetry.context import Context
+from opentelemetry.trace import Span, Status, StatusCode
 
 from concepts.errors import CustomDiffError, DeadlineExceeded, Unavailable
 from engine.kv import expand_kv, precomputed_kv
 from engine.onnx_unet import pack_kv
 from engine.request import GenerationRequest
 from engine.schedulers import make_scheduler
+from engine.telemetry import spans, tracer
 
 if TYPE_CHECKING:
     from engine.engine import Engine, _Prepared
@@ -43,12 +46,14 @@ KV = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 @dataclass
 class _Waiting:
-    """A submitted request before admission; `arrived` and `deadline` are `time.monotonic()` seconds."""
+    """A submitted request before admission; `arrived` and `deadline` are `time.monotonic()` seconds.
+    `span` is its open span: "engine.queue" until admission, then "engine.denoise" until it leaves."""
 
     prepared: _Prepared
     future: Future
     arrived: float
     deadline: float | None
+    span: Span
 
 
 @dataclass
@@ -102,25 +107,29 @@ class StepLoop:
         self._rows: dict[tuple[int, ...], tuple[tuple[int, ...], KV, torch.Tensor]] = {}
         self._serials = itertools.count()
 
-    def submit(self, request: GenerationRequest, deadline: float | None = None) -> Future:
+    def submit(self, request: GenerationRequest, deadline: float | None = None, context: Context | None = None,
+               ) -> Future:
         """Queue `request`; its future gets its images ([H, W, 3] float32) or its domain error.
 
         Concepts are resolved and the prompts tokenized here, in the caller's thread.
 
         Args:
             deadline: `time.monotonic()` by which it must be done, else it fails with DeadlineExceeded.
+            context: the trace its spans hang under (None: the current one).
         """
         future: Future = Future()
         try:
-            prepared = self.engine._prepare(request)
+            prepared = self.engine._prepare(request, context)
         except CustomDiffError as e:
             future.set_exception(e)
             return future
+        waiting = _Waiting(prepared, future, time.monotonic(), deadline,
+                           tracer.start_span("engine.queue", context=prepared.context))
         with self._cond:
             if self._closed:
-                future.set_exception(Unavailable("the engine is shutting down"))
+                _fail(waiting, Unavailable("the engine is shutting down"))
             else:
-                self._waiting.append(_Waiting(prepared, future, time.monotonic(), deadline))
+                self._waiting.append(waiting)
                 self._cond.notify()
         return future
 
@@ -217,8 +226,12 @@ class StepLoop:
         """Text, K/V, initial latents and a fresh scheduler for one request, computed for it alone."""
         engine, p = self.engine, waiting.prepared
         device, request = engine.base.unet.device, p.request
+        waiting.span.end()
+        engine.observer.queued(time.monotonic() - waiting.arrived)
+        waiting.span = tracer.start_span("engine.denoise", context=p.context)
         try:
-            text, kv, (cond_row,), (uncond_row,) = engine.encode([p])
+            with spans("engine.kv", [p.context]):
+                text, kv, (cond_row,), (uncond_row,) = engine.encode([p])
             n = request.num_images
             rows = torch.tensor(([uncond_row] * n if uncond_row is not None else []) + [cond_row] * n, device=device)
             latents = engine.initial_latents([request.seed + i for i in range(n)], p.height, p.width, text.dtype)
@@ -243,6 +256,8 @@ class StepLoop:
             timesteps.append(t.to(torch.float32).expand(inputs[-1].shape[0]))
         model_input, t_rows = torch.cat(inputs), torch.cat(timesteps)
         kv, text = self._group_rows(group)
+        self.engine.observer.batch(sum(r.images for r in group),
+                                   len({d for r in group for d in r.waiting.prepared.request.concept_digests}))
         # 2. One UNet call over every row.
         runner = self.engine.unet_runner
         if runner is not None:
@@ -276,11 +291,14 @@ class StepLoop:
 
     @torch.inference_mode()
     def _retire(self, r: _Running) -> None:
+        r.waiting.span.end()
         try:
-            images: np.ndarray = self.engine.decode(r.latents)
+            with spans("engine.decode", [r.waiting.prepared.context]):
+                images: np.ndarray = self.engine.decode(r.latents)
         except Exception as e:
             _fail(r.waiting, e)
             return
+        self.engine.observer.generated(time.monotonic() - r.waiting.arrived)
         if not r.waiting.future.done():
             r.waiting.future.set_result(list(images))
 
@@ -290,5 +308,9 @@ def _expired(waiting: _Waiting, now: float) -> bool:
 
 
 def _fail(waiting: _Waiting, error: BaseException) -> None:
+    """End the request with `error`, and its open span (ending a span twice changes nothing)."""
+    if waiting.span.is_recording():  # not yet ended
+        waiting.span.set_status(Status(StatusCode.ERROR, type(error).__name__))
+        waiting.span.end()
     if not waiting.future.done():
         waiting.future.set_exception(error)

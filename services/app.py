@@ -12,6 +12,7 @@ from grpc_health.v1 import health
 
 from concepts.store import ArtifactStore
 from services.common.concept_servicer import concept_service
+from services.common.metrics import RegistryGauges, serve_metrics
 from services.common.quotas import TenantQuotas
 from services.common.registry import Registry
 from services.common.server import build_server
@@ -77,6 +78,10 @@ def start_stack(settings: Settings, components: tuple[str, ...] = COMPONENTS, ba
     store = ArtifactStore(settings.store_url)
     base = base_model or resolve_base_model(settings)
     stack = Stack(registry)
+    if settings.metrics_port:
+        stack.closers.callback(serve_metrics(settings.host, settings.metrics_port))
+        stack.closers.callback(RegistryGauges(registry, settings.metrics_refresh_s).start().stop)
+        stack.ports["metrics"] = settings.metrics_port
     quotas = TenantQuotas(settings.quotas, registry)
     concepts = concept_service(registry, store)
     for component in components:

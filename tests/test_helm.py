@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
 from pathlib import Path
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -23,6 +25,8 @@ BAD_VALUES = ROOT / "tests" / "data" / "helm-bad-values.yaml"
 KUBE_VERSION = "1.30"
 NS = "ml"
 VALUE_FILES = [pytest.param(None, id="defaults"), pytest.param(MULTINODE, id="multinode")]
+DASHBOARD = ROOT / "deploy" / "grafana" / "customdiff.json"
+SERVICES = ("trainer", "merger", "inference")
 
 
 def helm_binary() -> str:
@@ -223,3 +227,259 @@ def test_quotas_limits_and_shutdown_reach_the_config_and_the_pods():
         assert {container[p]["timeoutSeconds"] for p in ("startupProbe", "readinessProbe", "livenessProbe")} == {2}
     bad = helm("template", "cd", str(CHART), "--set", "config.quotas.tenants.acme.storedBytes=-1")
     assert bad.returncode != 0 and "storedBytes" in bad.stderr
+
+
+# --- Observability: metrics ports, ServiceMonitors, tracing, logs, Triton autoscaling, the dashboard ---
+
+# kubernetes-validate knows no CRDs: the fields of monitoring.coreos.com/v1 ServiceMonitor the chart
+# renders, as the Prometheus Operator's CRD types them (the interval pattern is the CRD's Duration).
+_LABELS = {"type": "object", "additionalProperties": {"type": "string"}}
+_DURATION = "^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"
+SERVICE_MONITOR_SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "ServiceMonitor"},
+        "metadata": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["name", "labels"],
+            "properties": {"name": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+                                    "maxLength": 63},
+                           "labels": _LABELS},
+        },
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["selector", "endpoints"],
+            "properties": {
+                "selector": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {
+                        "matchLabels": _LABELS,
+                        "matchExpressions": {"type": "array", "items": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "required": ["key", "operator"],
+                            "properties": {"key": {"type": "string"},
+                                           "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+                                           "values": {"type": "array", "items": {"type": "string"}}},
+                        }},
+                    },
+                },
+                "endpoints": {"type": "array", "minItems": 1, "items": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["port"],
+                    "properties": {
+                        "port": {"type": "string", "minLength": 1},
+                        "path": {"type": "string", "pattern": "^/"},
+                        "interval": {"type": "string", "pattern": _DURATION},
+                    },
+                }},
+            },
+        },
+    },
+}
+
+# Every metric the services and the Triton model export (docs/operations.md); the dashboard may use no other.
+DOCUMENTED_METRICS = frozenset({
+    # gRPC servers (trainer, merger, inference); histograms are named without _bucket/_sum/_count.
+    "grpc_server_handled_total", "grpc_server_started_total", "grpc_server_handling_seconds",
+    "grpc_server_in_flight_rpcs",
+    # Jobs, training, quotas, the inference front.
+    "customdiff_jobs", "customdiff_job_duration_seconds", "customdiff_training_loss",
+    "customdiff_training_steps_per_second", "customdiff_launcher_errors_total",
+    "customdiff_quota_rejections_total", "customdiff_generate_deadline_exceeded_total",
+    "customdiff_triton_request_seconds",
+    # The Triton model: concept cache, batches, queueing, generation.
+    "customdiff_concept_cache_hits_total", "customdiff_concept_cache_misses_total",
+    "customdiff_concept_cache_evictions_total", "customdiff_concept_cache_bytes",
+    "customdiff_concept_load_seconds", "customdiff_batch_images", "customdiff_batch_concepts",
+    "customdiff_queue_seconds", "customdiff_generation_seconds",
+    # Merger and registry.
+    "customdiff_merge_seconds", "customdiff_compress_seconds", "customdiff_merge_residual",
+    "customdiff_merge_drift", "customdiff_stored_bytes", "customdiff_concepts",
+})
+PROMQL_KEYWORDS = {"and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring", "group_left",
+                   "group_right"}
+
+
+def validate_manifest(doc: dict) -> None:
+    """Strict Kubernetes validation; ServiceMonitors, a CRD kubernetes-validate lacks, against the schema above."""
+    if doc["kind"] == "ServiceMonitor":
+        jsonschema.validate(doc, SERVICE_MONITOR_SCHEMA)
+    else:
+        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    """Whether a Kubernetes label selector matches `labels`."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator, values = expression["key"], expression["operator"], expression.get("values", [])
+        if not {"In": key in labels and labels[key] in values, "NotIn": labels.get(key) not in values,
+                "Exists": key in labels, "DoesNotExist": key not in labels}[operator]:
+            return False
+    return True
+
+
+def component(doc: dict) -> str:
+    return doc["metadata"]["labels"]["app.kubernetes.io/component"]
+
+
+def ports(docs: list[dict], kind: str) -> dict[str, dict[str, int]]:
+    """Component -> port name -> port number, of each Service (port) or Deployment's container (containerPort)."""
+    if kind == "Service":
+        return {component(d): {p["name"]: p["port"] for p in d["spec"]["ports"]} for d in find(docs, kind)}
+    return {component(d): {p["name"]: p["containerPort"] for c in d["spec"]["template"]["spec"]["containers"]
+                           for p in c.get("ports", [])} for d in find(docs, kind)}
+
+
+def test_service_monitors_select_the_chart_services_by_ports_they_have():
+    assert not find(render(), "ServiceMonitor")
+    docs = render(None, "metrics.serviceMonitor.enabled=true", "metrics.serviceMonitor.labels.release=kps",
+                  "metrics.serviceMonitor.interval=15s")
+    monitors = {m["metadata"]["name"]: m for m in find(docs, "ServiceMonitor")}
+    assert sorted(monitors) == ["cd-customdiff-services", "cd-customdiff-triton"]
+    expected = {"cd-customdiff-services": set(SERVICES), "cd-customdiff-triton": {"triton"}}
+    for name, monitor in monitors.items():
+        jsonschema.validate(monitor, SERVICE_MONITOR_SCHEMA)
+        assert monitor["metadata"]["labels"]["release"] == "kps"
+        selector = monitor["spec"]["selector"]
+        selected = [s for s in find(docs, "Service") if selects(selector, s["metadata"]["labels"])]
+        assert {component(s) for s in selected} == expected[name]
+        for endpoint in monitor["spec"]["endpoints"]:
+            assert endpoint["interval"] == "15s" and endpoint["path"] == "/metrics"
+            for service in selected:  # the port name exists on every Service the monitor picks
+                assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}, service["metadata"]
+    # Without the services' endpoint only Triton's (port 8002, Triton's own and the model's metrics) is left.
+    docs = render(None, "metrics.serviceMonitor.enabled=true", "metrics.enabled=false")
+    assert [m["metadata"]["name"] for m in find(docs, "ServiceMonitor")] == ["cd-customdiff-triton"]
+
+
+@pytest.mark.parametrize("values", VALUE_FILES)
+def test_observability_manifests_validate_strictly(values):
+    docs = render(values, "metrics.serviceMonitor.enabled=true", "triton.autoscaling.enabled=true",
+                  "tracing.otlpEndpoint=otel-collector.observability:4317")
+    for doc in docs:
+        validate_manifest(doc)
+    assert len(find(docs, "ServiceMonitor")) == 2
+    assert {component(h) for h in find(docs, "HorizontalPodAutoscaler")} == ({"inference", "triton"} if values
+                                                                             else {"triton"})
+    with pytest.raises(jsonschema.ValidationError):  # the hand-written schema does reject a broken monitor
+        validate_manifest({**find(docs, "ServiceMonitor")[0], "spec": {"endpoints": [{"port": "metrics"}]}})
+
+
+def test_metrics_port_reaches_the_config_the_containers_the_services_and_the_network_policy():
+    docs = render()
+    assert settings_of(docs).metrics_port == 9090
+    assert "\nmetrics_port: 9090\n" in find(docs, "ConfigMap")[0]["data"]["config.yaml"]
+    containers, services = ports(docs, "Deployment"), ports(docs, "Service")
+    for name in SERVICES:
+        assert containers[name]["metrics"] == services[name]["metrics"] == 9090
+    assert containers["triton"]["metrics"] == services["triton"]["metrics"] == 8002
+    [triton] = find(docs, "Deployment", "cd-customdiff-triton")
+    assert "--metrics-port=8002" in triton["spec"]["template"]["spec"]["containers"][0]["args"]
+    [policy] = [p for p in find(docs, "NetworkPolicy") if p["metadata"]["name"].endswith("-services")]
+    assert {"ports": [{"port": 9090, "protocol": "TCP"}]} in policy["spec"]["ingress"]  # scrapers, from anywhere
+
+    docs = render(None, "metrics.enabled=false", "metrics.port=9999")
+    assert settings_of(docs).metrics_port == 0
+    containers, services = ports(docs, "Deployment"), ports(docs, "Service")
+    for name in SERVICES:
+        assert "metrics" not in containers[name] and "metrics" not in services[name]
+    assert services["triton"]["metrics"] == 8002  # Triton serves its metrics whatever metrics.enabled says
+    [policy] = [p for p in find(docs, "NetworkPolicy") if p["metadata"]["name"].endswith("-services")]
+    assert 9999 not in {port["port"] for rule in policy["spec"]["ingress"] for port in rule["ports"]}
+
+    clash = helm("template", "cd", str(CHART), "--set", "metrics.port=50053")
+    assert clash.returncode != 0
+    assert "- metrics.port: 50053 is also inference.port; give /metrics its own port" in clash.stderr
+
+
+def test_tracing_endpoint_and_log_format_reach_the_config_and_triton():
+    def triton_env(docs: list[dict]) -> dict[str, str]:
+        [triton] = find(docs, "Deployment", "cd-customdiff-triton")
+        return {e["name"]: e.get("value") for e in triton["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+    docs = render()
+    settings = settings_of(docs)
+    assert (settings.otlp_endpoint, settings.log_format) == ("", "json")
+    assert "CUSTOMDIFF_OTLP_ENDPOINT" not in triton_env(docs)
+
+    docs = render(None, "tracing.otlpEndpoint=x:4317", "logFormat=text")
+    settings = settings_of(docs)
+    assert (settings.otlp_endpoint, settings.log_format) == ("x:4317", "text")
+    assert triton_env(docs)["CUSTOMDIFF_OTLP_ENDPOINT"] == "x:4317"
+
+    for command in (("template", "cd", str(CHART)), ("lint", "--strict", str(CHART))):
+        bad = helm(*command, "--set", "logFormat=yaml")
+        assert bad.returncode != 0
+        assert 'logFormat must be one of the following: "json", "text"' in bad.stdout + bad.stderr
+
+
+def test_triton_autoscaler_targets_the_triton_deployment_with_a_pods_metric():
+    assert not find(render(), "HorizontalPodAutoscaler")
+    docs = render(None, "fullnameOverride=gen", "triton.autoscaling.enabled=true",
+                  "triton.autoscaling.maxReplicas=6", "triton.autoscaling.targetAverageValue=500m")
+    [hpa] = find(docs, "HorizontalPodAutoscaler")
+    [triton] = [d for d in find(docs, "Deployment") if component(d) == "triton"]
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                             "name": triton["metadata"]["name"]}
+    assert triton["metadata"]["name"] == "gen-triton"
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (1, 6)
+    target = {"type": "AverageValue", "averageValue": "500m"}
+    assert hpa["spec"]["metrics"] == [{"type": "Pods", "pods": {"metric": {"name": "customdiff_queue_seconds"},
+                                                               "target": target}}]
+    assert "replicas" not in triton["spec"]  # the autoscaler owns it; a rollout must not reset it
+    kubernetes_validate.validate(hpa, KUBE_VERSION, strict=True)
+
+    bad = helm("template", "cd", str(CHART), "--set", "triton.autoscaling.enabled=true",
+               "--set", "triton.autoscaling.minReplicas=5")
+    assert bad.returncode != 0 and "- triton.autoscaling: minReplicas 5 is above maxReplicas 4" in bad.stderr
+
+
+def _metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression reads: identifiers that are not functions, keywords,
+    label names inside {...} or by/without/on/ignoring(...), strings, ranges or Grafana variables."""
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    expr = re.sub(r"\{[^}]*\}|\[[^\]]*\]|\$\w+", " ", expr)
+    expr = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", expr)
+    return {name for name, call in re.findall(r"(?<![\w.])([a-zA-Z_:][\w:]*)\s*(\()?", expr)
+            if not call and name not in PROMQL_KEYWORDS}
+
+
+def _documented(name: str) -> str | None:
+    """The documented metric `name` is, or a histogram series of (_bucket, _sum, _count); else None."""
+    base = re.sub(r"_(bucket|sum|count)$", "", name)
+    return name if name in DOCUMENTED_METRICS else base if base in DOCUMENTED_METRICS else None
+
+
+def test_grafana_dashboard_queries_only_documented_metrics_through_its_datasource():
+    assert _metric_names('histogram_quantile(0.95, sum by (le, pod) (rate(a_bucket{x=~"$v", y!="z"}[5m]))) '
+                         '/ ignoring(pod) b + on() vector(1)') == {"a_bucket", "b"}
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert dashboard["schemaVersion"] >= 39
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert (variables["datasource"]["type"], variables["datasource"]["query"]) == ("datasource", "prometheus")
+    panels = [p for top in dashboard["panels"] for p in (top, *top.get("panels", [])) if p["type"] != "row"]
+    assert len({p["id"] for p in panels}) == len(panels) > 20
+    used = set()
+    for panel in panels:
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+        exprs = [target.get("expr", "") for target in panel["targets"]]
+        assert exprs and all(e.strip() for e in exprs), panel["title"]
+        for expr in exprs:
+            names = _metric_names(expr)
+            assert names, expr
+            assert {n for n in names if not _documented(n)} == set(), f"{panel['title']}: {expr}"
+            used |= {_documented(n) for n in names}
+            assert set(re.findall(r"\$(\w+)", expr)) <= set(variables), expr
+    query = variables["namespace"]["query"]["query"]
+    used |= {_documented(n) for n in re.findall(r"label_values\((\w+)", query)}
+    assert used == DOCUMENTED_METRICS  # and every documented metric has its place on the dashboard

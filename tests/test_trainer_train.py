@@ -100,7 +100,8 @@ def test_progress_lines(joint):
                       "training", "saving artifact"]
     progress = [e for e in events if e["event"] == "progress"]
     assert [e["step"] for e in progress] == [1, 2, 3, 4, 5]
-    assert set(progress[0]) == {"event", "step", "total_steps", "loss", "lr", "images_per_s", "eta_s"}
+    assert set(progress[0]) == {"event", "step", "total_steps", "loss", "lr", "images_per_s", "steps_per_s",
+                                "eta_s"}
     assert progress[0]["total_steps"] == 5 and progress[-1]["eta_s"] == 0
     # lr 1e-4 x batch 2 x 1 process x 1 accumulation x 2 for prior preservation
     assert progress[0]["lr"] == pytest.approx(4e-4) and all(np.isfinite(e["loss"]) for e in progress)

@@ -2,17 +2,21 @@
 
 Exit status 0 on success (or a requested stop), 2 when the user must fix the input, 1 otherwise; the
 reason is the last line of ``<work_dir>/progress.jsonl``: ``{"event": "error", "message": ...}``.
+With $CUSTOMDIFF_OTLP_ENDPOINT set, the run is a "training" span of the trace in $TRACEPARENT (the
+CreateTrainingJob that started it).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
 
 from concepts.errors import CustomDiffError, InvalidArgument
+from concepts.tracing import OTLP_ENV, TRACEPARENT_ENV, configure_tracing, continued
 
 
 def _error(work_dir: str | None, message: str) -> None:
@@ -38,13 +42,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spec", required=True, help="job spec JSON file (docs/job-spec.md)")
     args = parser.parse_args(argv)
     work_dir = None
+    stop_tracing = configure_tracing("customdiff-trainer", os.environ.get(OTLP_ENV, ""))
     try:
         data = _read_spec(args.spec)
         work_dir = data.get("work_dir") if isinstance(data.get("work_dir"), str) else None
         from trainer.job import run_job
         from trainer.spec import JobSpec
 
-        run_job(JobSpec.from_dict(data), echo=True)
+        with continued(os.environ.get(TRACEPARENT_ENV, ""), "training") as span:
+            span.set_attribute("customdiff.job_id", os.environ.get("CUSTOMDIFF_JOB_ID", ""))
+            run_job(JobSpec.from_dict(data), echo=True)
         return 0
     except CustomDiffError as e:
         _error(work_dir, str(e))
@@ -57,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.distributed import shutdown_distributed
 
         shutdown_distributed()
+        if stop_tracing is not None:
+            stop_tracing()  # flush the spans
 
 
 if __name__ == "__main__":

@@ -121,8 +121,8 @@ def _train(spec: JobSpec, state: TrainState, key: str, progress: ProgressLog) ->
     for step in range(start, stop):
         loss = train_step(state, step)
         timer.tick()
-        images_per_s, eta = timer.rates(total - step - 1)
-        progress.progress(step + 1, total, loss, lr, images_per_s, eta)
+        images_per_s, steps_per_s, eta = timer.rates(total - step - 1)
+        progress.progress(step + 1, total, loss, lr, images_per_s, steps_per_s, eta)
         done = step + 1
         if state.ctx.is_main and (done == stop < total or (done % hp.checkpointing_steps == 0 and done < total)):
             save_checkpoint(spec.work_dir, done, key, state.params, state.optimizer, state.scaler)

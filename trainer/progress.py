@@ -2,7 +2,7 @@
 
 Events (one JSON object per line, docs/job-spec.md):
   {"event": "state", "state": "training", "message": "..."}
-  {"event": "progress", "step", "total_steps", "loss", "lr", "images_per_s", "eta_s"}
+  {"event": "progress", "step", "total_steps", "loss", "lr", "images_per_s", "steps_per_s", "eta_s"}
   {"event": "done", "digest": "<sha256>"}
   {"event": "error", "message": "<what the user must fix>"}
 """
@@ -53,9 +53,10 @@ class ProgressLog:
         self.emit({"event": "state", "state": state, "message": message})
 
     def progress(self, step: int, total_steps: int, loss: float, lr: float, images_per_s: float,
-                 eta_s: float) -> None:
+                 steps_per_s: float, eta_s: float) -> None:
         self.emit({"event": "progress", "step": step, "total_steps": total_steps, "loss": round(loss, 6),
-                   "lr": lr, "images_per_s": round(images_per_s, 3), "eta_s": round(eta_s, 1)})
+                   "lr": lr, "images_per_s": round(images_per_s, 3), "steps_per_s": round(steps_per_s, 4),
+                   "eta_s": round(eta_s, 1)})
 
     def done(self, digest: str) -> None:
         self.emit({"event": "done", "digest": digest})
@@ -75,11 +76,11 @@ class StepTimer:
     def tick(self) -> None:
         self.steps += 1
 
-    def rates(self, remaining_steps: int) -> tuple[float, float]:
-        """(images per second, estimated seconds left)."""
+    def rates(self, remaining_steps: int) -> tuple[float, float, float]:
+        """(images per second, steps per second, estimated seconds left)."""
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         per_step = elapsed / max(self.steps, 1)
-        return self.images_per_step * self.steps / elapsed, per_step * remaining_steps
+        return self.images_per_step * self.steps / elapsed, self.steps / elapsed, per_step * remaining_steps
 
 
 def write_result(work_dir: str | Path, result: dict[str, Any]) -> Path:

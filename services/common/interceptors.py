@@ -18,6 +18,8 @@ import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
+from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 
 from concepts import errors
 
@@ -48,6 +50,11 @@ _CODES = {
 def current_tenant() -> str:
     """The authenticated tenant of the RPC being served."""
     return _tenant.get()
+
+
+def current_tenant_or(default: str) -> str:
+    """The authenticated tenant of the RPC being served, or `default` outside one (e.g. for log lines)."""
+    return _tenant.get(default)
 
 
 def current_request_id() -> str:
@@ -134,7 +141,8 @@ class AuthInterceptor(grpc.ServerInterceptor):
 class ErrorInterceptor(grpc.ServerInterceptor):
     """Turns domain errors into canonical codes with ErrorInfo (and BadRequest naming the field).
 
-    Anything else becomes INTERNAL with a generic message; the traceback goes to the log only.
+    Anything else becomes INTERNAL with a generic message; the traceback goes to the log only. The
+    RPC's request id goes back to the caller in the initial metadata (`x-request-id`), error or not.
     """
 
     def intercept_service(self, continuation, handler_call_details):
@@ -144,6 +152,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         def around(behaviour, streaming):
             def unary(request, context):
                 token = _request_id.set(request_id)
+                context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
                 try:
                     return behaviour(request, context)
                 except Exception as e:  # noqa: BLE001 - the one place that maps every error
@@ -153,6 +162,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
 
             def stream(request, context):
                 token = _request_id.set(request_id)
+                context.send_initial_metadata(((REQUEST_ID_HEADER, request_id),))
                 try:
                     yield from behaviour(request, context)
                 except Exception as e:  # noqa: BLE001
@@ -195,7 +205,12 @@ def _abort(context: grpc.ServicerContext, exc: Exception, method: str, request_i
     if isinstance(exc, errors.CustomDiffError):
         log.info("request %s: %s failed: %s: %s", request_id, method, type(exc).__name__, exc,
                  exc_info=isinstance(exc, errors.CorruptArtifact))
-        context.abort_with_status(rpc_status.to_status(to_status(exc, request_id)))
+        status = to_status(exc, request_id)
+        # abort_with_status does not reach the RPC's span (the grpc instrumentation sees abort() only).
+        span = trace.get_current_span()
+        span.set_attribute("rpc.grpc.status_code", status.code)
+        span.set_status(Status(StatusCode.ERROR, f"{code_pb2.Code.Name(status.code)}: {exc.reason}"))
+        context.abort_with_status(rpc_status.to_status(status))
     if context.code() not in (None, grpc.StatusCode.OK):  # the servicer aborted itself: keep its status
         raise exc
     log.exception("request %s: unexpected error in %s", request_id, method)

@@ -6,8 +6,10 @@ poll, so events written by another replica are seen too.
 
 from __future__ import annotations
 
+import datetime as dt
 import threading
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +20,21 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from concepts.errors import NotFound
+from services.common.metrics import JOB_SECONDS
 from services.common.models import BlobOwnerRow, ConceptRow, JobEventRow, JobRow, utcnow
 
 TERMINAL_STATES = ("succeeded", "failed", "cancelled")
 MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+@dataclass(frozen=True)
+class MetricCounts:
+    """What the registry's gauges show, by label values: jobs by (kind, state); concepts and stored
+    bytes by (tenant,)."""
+
+    jobs: dict[tuple[str, str], int]
+    concepts: dict[tuple[str], int]
+    stored_bytes: dict[tuple[str], int]
 
 
 class Registry:
@@ -80,6 +93,7 @@ class Registry:
             s.add(JobEventRow(job_id=job_id, state="succeeded",
                               log_line=log_line or f"registered {job.concept_name} v{row.version}"))
             s.commit()
+        _observe_end(job)
         self._notify()
         return row
 
@@ -155,6 +169,17 @@ class Registry:
                       select(ConceptRow.digest, ConceptRow.size_bytes).where(ConceptRow.tenant == tenant)).subquery()
         with self._session() as s:
             return int(s.scalar(select(func.coalesce(func.sum(owned.c.size_bytes), 0))) or 0)
+
+    def metric_counts(self) -> MetricCounts:
+        """Jobs by kind and state, and per tenant its concept versions and stored bytes (one query each)."""
+        owned = union(select(BlobOwnerRow.tenant, BlobOwnerRow.digest, BlobOwnerRow.size_bytes),
+                      select(ConceptRow.tenant, ConceptRow.digest, ConceptRow.size_bytes)).subquery()
+        with self._session() as s:
+            jobs = s.execute(select(JobRow.kind, JobRow.state, func.count()).group_by(JobRow.kind, JobRow.state))
+            concepts = s.execute(select(ConceptRow.tenant, func.count()).group_by(ConceptRow.tenant))
+            stored = s.execute(select(owned.c.tenant, func.sum(owned.c.size_bytes)).group_by(owned.c.tenant))
+            return MetricCounts({(k, st): n for k, st, n in jobs}, {(t,): n for t, n in concepts},
+                                {(t,): int(n or 0) for t, n in stored})
 
     # Jobs ----------------------------------------------------------------------------------------
 
@@ -232,6 +257,8 @@ class Registry:
                 s.add(JobEventRow(job_id=job_id, state=row.state, log_line=log_line))
             row.updated_at = utcnow()
             s.commit()
+        if state is not None and state in TERMINAL_STATES:
+            _observe_end(row)
         self._notify()
         return row
 
@@ -257,6 +284,12 @@ class Registry:
     def _notify(self) -> None:
         with self._changed:
             self._changed.notify_all()
+
+
+def _observe_end(job: JobRow) -> None:
+    """`customdiff_job_duration_seconds`: the job's time from creation to the terminal state it just took."""
+    created = job.created_at if job.created_at.tzinfo else job.created_at.replace(tzinfo=dt.timezone.utc)
+    JOB_SECONDS.labels(job.kind, job.state).observe(max(0.0, (utcnow() - created).total_seconds()))
 
 
 def _insert_concept(s: Session, tenant: str, name: str, fields: dict[str, Any]) -> ConceptRow:

@@ -17,7 +17,9 @@ from grpc_reflection.v1alpha import reflection
 from concepts.errors import InvalidArgument
 from services.common.interceptors import AuthInterceptor, ErrorInterceptor
 from services.common.limits import ConcurrencyLimitInterceptor
+from services.common.metrics import MetricsInterceptor
 from services.common.settings import ServerSettings
+from concepts.tracing import server_interceptor
 
 LIVENESS = "liveness"
 
@@ -63,8 +65,9 @@ def build_server(settings: ServerSettings, services: list[Service], port: int
     workers = settings.rpc_limits.workers
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
-        interceptors=[AuthInterceptor(load_api_keys(settings)), ConcurrencyLimitInterceptor(settings.rpc_limits),
-                      ErrorInterceptor()],
+        # Tracing first (its span covers everything), then metrics (refusals by auth or a bound count too).
+        interceptors=[server_interceptor(), MetricsInterceptor(), AuthInterceptor(load_api_keys(settings)),
+                      ConcurrencyLimitInterceptor(settings.rpc_limits), ErrorInterceptor()],
         options=limits,
         maximum_concurrent_rpcs=2 * workers,
     )

@@ -19,6 +19,7 @@ from concepts.errors import InvalidArgument
 from services.common.limits import RpcLimits
 
 LAUNCHERS = ("local", "kubernetes")
+LOG_FORMATS = ("text", "json")
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,7 @@ class TrainerSettings:
     max_image_bytes: int
     max_image_pixels: int
     image_decode_workers: int
+    otlp_endpoint: str
 
 
 @dataclass(frozen=True)
@@ -185,12 +187,20 @@ class Settings:
     quotas: Quotas = field(default_factory=Quotas)
     # On SIGTERM: seconds in-flight Generates may take to finish before they are cancelled.
     shutdown_grace_s: float = 25.0
+    # HTTP port of the process's Prometheus /metrics (every service of the process); 0: none.
+    metrics_port: int = 0
+    # How often the registry's gauges (jobs by state, concepts and stored bytes per tenant) are recounted.
+    metrics_refresh_s: float = 15.0
+    # OTLP gRPC endpoint spans are exported to (e.g. "otel-collector:4317"); empty: tracing off.
+    otlp_endpoint: str = ""
+    # Log lines as JSON objects ("json") or as text ("text").
+    log_format: str = "text"
     kubernetes: KubernetesSettings = field(default_factory=KubernetesSettings)
 
     def __post_init__(self) -> None:
         if self.launcher not in LAUNCHERS:
             raise InvalidArgument("launcher", f"must be one of {LAUNCHERS}, got {self.launcher!r}")
-        for name in ("trainer_port", "merger_port", "inference_port"):
+        for name in ("trainer_port", "merger_port", "inference_port", "metrics_port"):
             port = getattr(self, name)
             if not 0 <= port < 65536:
                 raise InvalidArgument(name, f"must be a TCP port (0-65535), got {port}")
@@ -202,6 +212,10 @@ class Settings:
             raise InvalidArgument("image_decode_workers", f"must be in 1..64, got {self.image_decode_workers}")
         if not 0 <= self.shutdown_grace_s <= 3600:
             raise InvalidArgument("shutdown_grace_s", f"must be in 0..3600 seconds, got {self.shutdown_grace_s}")
+        if self.log_format not in LOG_FORMATS:
+            raise InvalidArgument("log_format", f"must be one of {LOG_FORMATS}, got {self.log_format!r}")
+        if not 0.1 <= self.metrics_refresh_s <= 3600:
+            raise InvalidArgument("metrics_refresh_s", f"must be in 0.1..3600 seconds, got {self.metrics_refresh_s}")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise InvalidArgument("tls_cert_file", "TLS needs both tls_cert_file and tls_key_file")
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import secrets
+import time
 
-from concepts.errors import DeadlineExceeded, InvalidArgument, quote
+from concepts.errors import CustomDiffError, DeadlineExceeded, InvalidArgument, quote
 from customdiffusion.v1 import inference_service_pb2 as pb
 from customdiffusion.v1 import inference_service_pb2_grpc
 from engine.request import MAX_CONCEPT_WEIGHT, GenerationRequest
 from services.common.concept_servicer import check_ref
 from services.common.interceptors import current_tenant
+from services.common.metrics import DEADLINE_EXCEEDED, TRITON_SECONDS
 from services.common.quotas import TenantQuotas
 from services.common.registry import Registry
 from services.common.server import Service
@@ -22,6 +24,8 @@ from services.inference.triton_client import generate_via_triton
 SCHEDULERS = {value.number: "" if value.name == "SCHEDULER_UNSPECIFIED" else value.name.removeprefix("SCHEDULER_").lower()
               for value in pb.Scheduler.DESCRIPTOR.values}
 DEFAULT_TIMEOUT_S = 300.0
+# A call without a deadline reads as None or as centuries left (gRPC's infinite deadline): the default applies.
+NO_DEADLINE_S = 365 * 24 * 3600.0
 
 
 class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
@@ -53,15 +57,30 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         generation = dataclasses.replace(generation, concept_digests=digests, concept_weights=weights)
         # 3. Triton, within what is left of the caller's deadline.
         remaining = context.time_remaining()
-        timeout = DEFAULT_TIMEOUT_S if remaining is None else remaining - 0.05
+        timeout = DEFAULT_TIMEOUT_S if remaining is None or remaining > NO_DEADLINE_S else remaining - 0.05
         if timeout <= 0:
+            DEADLINE_EXCEEDED.labels("before_triton").inc()
             raise DeadlineExceeded("the request's deadline passed before generation could start")
         with self.quotas.generation(tenant):
-            pngs = generate_via_triton(self.settings.triton_url, self.settings.triton_model, generation, timeout)
+            pngs = self._triton(generation, timeout)
         return pb.GenerateResponse(
             images=[pb.GeneratedImage(png=png, seed=seed + i) for i, png in enumerate(pngs)],
             concept_digests=list(digests),
         )
+
+
+    def _triton(self, generation: GenerationRequest, timeout: float) -> list[bytes]:
+        """`generate_via_triton`, timed by outcome ("ok" or the error's reason) in customdiff_triton_request_seconds."""
+        started, outcome = time.perf_counter(), "ok"
+        try:
+            return generate_via_triton(self.settings.triton_url, self.settings.triton_model, generation, timeout)
+        except CustomDiffError as e:
+            outcome = e.reason
+            if isinstance(e, DeadlineExceeded):
+                DEADLINE_EXCEEDED.labels("triton").inc()
+            raise
+        finally:
+            TRITON_SECONDS.labels(outcome).observe(time.perf_counter() - started)
 
 
 def concept_weight(ref, field: str) -> float:

@@ -11,12 +11,16 @@ import logging
 import queue
 
 import numpy as np
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 
 from concepts.errors import CustomDiffError, DeadlineExceeded, Unavailable
 from engine.request import GenerationRequest
+from concepts.tracing import TRACEPARENT, current_traceparent
 from services.inference.triton_protocol import error_from_text
 
 log = logging.getLogger(__name__)
+tracer = trace.get_tracer("customdiff.inference")
 UNAVAILABLE_TEXT = "the generation backend is unavailable; retry later"
 # Reconnect within a second of Triton coming back (gRPC's default backoff grows to 2 minutes), on a
 # channel of its own (a shared subchannel would keep another channel's backoff).
@@ -57,6 +61,8 @@ def generate_via_triton(url: str, model: str, request: GenerationRequest, timeou
         timeout_s: the whole call's deadline; also passed to Triton, which drops the request then (queued,
             or running in the step loop) instead of computing an answer nobody waits for.
 
+    The call is a CLIENT span; its trace context goes to the model as the ``traceparent`` parameter.
+
     Raises:
         Unavailable: Triton is down, unreachable, or the model is not loaded.
         DeadlineExceeded: `timeout_s` passed.
@@ -64,14 +70,23 @@ def generate_via_triton(url: str, model: str, request: GenerationRequest, timeou
         CorruptArtifact: a concept's artifact is missing from the store or does not match its digest.
         FailedPrecondition, CustomDiffError: the model's other domain errors.
     """
+    with tracer.start_as_current_span("triton.generate", kind=SpanKind.CLIENT, attributes={"triton.model": model}):
+        return _generate(url, model, request, timeout_s)
+
+
+def _generate(url: str, model: str, request: GenerationRequest, timeout_s: float) -> list[bytes]:
     import tritonclient.grpc as triton
 
     inputs = [_string_input("PROMPT", request.prompt), _string_input("NEGATIVE_PROMPT", request.negative_prompt)]
+    parameters = request.to_parameters()
+    traceparent = current_traceparent()
+    if traceparent:
+        parameters[TRACEPARENT] = traceparent
     answer: queue.Queue = queue.Queue(maxsize=1)
     client = new_client(url)  # one stream per client: a client per call keeps calls apart
     try:
         client.start_stream(callback=lambda result, error: answer.put((result, error)), stream_timeout=timeout_s)
-        client.async_stream_infer(model, inputs, parameters=request.to_parameters(),
+        client.async_stream_infer(model, inputs, parameters=parameters,
                                   timeout=max(1, int(timeout_s * 1e6)))
         result, error = answer.get(timeout=timeout_s + 1.0)  # Triton's own expiry answers first
     except queue.Empty:

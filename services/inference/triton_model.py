@@ -13,18 +13,31 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 
 import numpy as np
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from concepts.errors import CustomDiffError, InvalidArgument
 from engine.engine import BATCHING, Engine, to_png
 from engine.request import GenerationRequest
+from concepts.tracing import OTLP_ENV, TRACEPARENT, configure_tracing, context_from
+from services.inference.triton_metrics import TritonMetrics
 from services.inference.triton_protocol import error_text
 
 log = logging.getLogger("customdiff.triton")
+tracer = trace.get_tracer("customdiff.triton")
+
+
+def observe(args: dict) -> tuple[TritonMetrics, Callable[[], None] | None]:
+    """For `initialize`: the instance's engine observer (Triton metrics on :8002) and its tracing, on when
+    $CUSTOMDIFF_OTLP_ENDPOINT is set; returns the observer and what flushes the spans (for `finalize`)."""
+    stop_tracing = configure_tracing("customdiff-triton", os.environ.get(OTLP_ENV, ""))
+    return TritonMetrics(args["model_name"], args["model_instance_name"]), stop_tracing
 
 
 def model_parameters(parameters: Mapping[str, Mapping[str, str]]) -> tuple[str, dict[str, Mapping[str, str]]]:
@@ -50,19 +63,35 @@ def submit_decoupled(engine: Engine, requests: list) -> None:
     for request in requests:
         sender = request.get_response_sender()
         timeout_us = request.timeout() if hasattr(request, "timeout") else 0
+        span = _span(request)
         try:
-            future = engine.submit(_parse(request), time.monotonic() + timeout_us / 1e6 if timeout_us else None)
+            future = engine.submit(_parse(request), time.monotonic() + timeout_us / 1e6 if timeout_us else None,
+                                   trace.set_span_in_context(span))
         except Exception as e:  # noqa: BLE001 - a request that cannot start still gets its one final answer
             future = Future()
             future.set_exception(e)
-        future.add_done_callback(lambda done, sender=sender: _answer(sender, done))
+        future.add_done_callback(lambda done, sender=sender, span=span: _answer(sender, done, span))
 
 
-def _answer(sender, future: Future) -> None:
+def _span(request) -> Span:
+    """The model's SERVER span of one request, continuing the caller's trace (the ``traceparent`` parameter)."""
+    traceparent = json.loads(request.parameters() or "{}").get(TRACEPARENT, "")
+    return tracer.start_span("stable_diffusion", context=context_from(traceparent if isinstance(traceparent, str)
+                                                                        else ""), kind=SpanKind.SERVER)
+
+
+def _end(span: Span, error: BaseException | None) -> None:
+    if error is not None:
+        span.set_status(Status(StatusCode.ERROR, getattr(error, "reason", type(error).__name__)))
+    span.end()
+
+
+def _answer(sender, future: Future, span: Span) -> None:
     """Send the request's one final response. Every request must get it, even when the client went away:
     Triton holds a decoupled request (and cannot unload the model) until its final flag is sent."""
     import triton_python_backend_utils as pb_utils
 
+    _end(span, future.exception())
     final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
     try:
         sender.send(_response(future), flags=final)
@@ -95,6 +124,7 @@ def images_response(images: list[np.ndarray]):
 
 def _parse(request) -> GenerationRequest:
     params = json.loads(request.parameters() or "{}")
+    params.pop(TRACEPARENT, None)  # trace context, not a field of the request (`_span`)
     return GenerationRequest.from_parameters(_text(request, "PROMPT"), _text(request, "NEGATIVE_PROMPT"), params)
 
 
@@ -106,13 +136,15 @@ def respond(engine: Engine, requests: list, model: str) -> list:
     """
     responses: list = [None] * len(requests)
     parsed: list[tuple[int, GenerationRequest]] = []
+    spans = [_span(request) for request in requests]
     for i, request in enumerate(requests):
         try:
             parsed.append((i, _parse(request)))
         except CustomDiffError as e:
             responses[i] = error_response(e)
+            _end(spans[i], e)
     try:
-        results = engine.generate_batch([r for _, r in parsed])
+        results = engine.generate_batch([r for _, r in parsed], [trace.set_span_in_context(spans[i]) for i, _ in parsed])
     except CustomDiffError as e:
         results = [e] * len(parsed)
     except Exception as e:  # a bug, not a bad request
@@ -121,8 +153,10 @@ def respond(engine: Engine, requests: list, model: str) -> list:
     for (i, _), result in zip(parsed, results):
         if isinstance(result, CustomDiffError):
             responses[i] = error_response(result)
+            _end(spans[i], result)
         else:
             responses[i] = images_response(result)
+            _end(spans[i], None)
     return responses
 
 

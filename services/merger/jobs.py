@@ -8,15 +8,23 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+
 from concepts.base import BaseModel, load_base
 from concepts.store import ArtifactStore
+from concepts.tracing import attached
+from services.common.logs import job_context
+from services.common.metrics import COMPRESS_SECONDS, MERGE_DRIFT, MERGE_RESIDUAL, MERGE_SECONDS
 from services.common.registry import Registry
 
 log = logging.getLogger(__name__)
+tracer = trace.get_tracer("customdiff.merger")
 KINDS = ("merge", "compress")
 
 
@@ -54,8 +62,8 @@ class MergerJobs:
         """Record the job (idempotent on request_id) and queue it; return (row, created)."""
         row, created = self.registry.create_job(tenant, kind, request.request_id, request.concept_name,
                                                 dict(request_json, _domain=asdict(request)))
-        if created:
-            self._pool.submit(self._run, row.id)
+        if created:  # the job's span continues this RPC's trace
+            self._pool.submit(self._run, row.id, otel_context.get_current())
         return row, created
 
     def recover(self) -> None:
@@ -73,7 +81,12 @@ class MergerJobs:
                 self._base = load_base(self.base_model)
             return self._base
 
-    def _run(self, job_id: str) -> None:
+    def _run(self, job_id: str, context: otel_context.Context | None = None) -> None:
+        with job_context(job_id), attached(context), tracer.start_as_current_span("merger.job") as span:
+            span.set_attribute("customdiff.job_id", job_id)
+            self._execute(job_id)
+
+    def _execute(self, job_id: str) -> None:
         import torch
 
         from merger.run import compress_concept, merge_concepts
@@ -83,13 +96,18 @@ class MergerJobs:
         try:
             inputs = [self.registry.get_concept_by_id(i) for i in domain["input_ids"]]
             concepts = [self.store.get_registered_concept(r.digest) for r in inputs]
+            started = time.perf_counter()
             if row.kind == "merge":
                 result, report = merge_concepts(self.base(), concepts, captions=domain.get("captions"),
                                                 ridge=domain.get("ridge"),
                                                 context_captions=domain.get("context_captions", 0))
+                MERGE_SECONDS.observe(time.perf_counter() - started)
+                MERGE_RESIDUAL.set(report.summary.get("residual", 0.0))
+                MERGE_DRIFT.set(report.summary.get("drift", 0.0))
             else:
                 dtype = {"fp16": torch.float16, "fp32": torch.float32}[domain["dtype"]]
                 result, report = compress_concept(concepts[0], dtype=dtype, **domain["target"])
+                COMPRESS_SECONDS.observe(time.perf_counter() - started)
             digest = self.store.put_concept(result)
             provenance = dict(result.provenance, job=f"mergerJobs/{job_id}", parents=[r.digest for r in inputs])
             self.registry.update_job(job_id, report=report.to_dict())

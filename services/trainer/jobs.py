@@ -29,6 +29,9 @@ from PIL import Image
 
 from concepts.errors import InvalidArgument, NotFound, Unavailable
 from concepts.store import ArtifactStore
+from concepts.tracing import OTLP_ENV, TRACEPARENT_ENV, current_traceparent, trace_id_of
+from services.common.logs import job_context
+from services.common.metrics import LAUNCHER_ERRORS, TRAINING_LOSS, TRAINING_STEPS_PER_S
 from services.common.quotas import TenantQuotas
 from services.common.registry import TERMINAL_STATES, Registry
 from services.common.settings import TrainerSettings
@@ -133,12 +136,20 @@ class TrainingJobs:
             self.store.put(data)
         self.registry.own_blobs(tenant, {digest: len(data) for digest, data in blobs.items()})
         spec_path = work / "spec.json"
+        # The training process continues this RPC's trace (a resumed one too: the env is in launch.json).
+        env = {name: value for name, value in ((TRACEPARENT_ENV, current_traceparent()),
+                                               (OTLP_ENV, self.settings.otlp_endpoint)) if value}
         launch = LaunchRequest(row.id, request.concept_name, str(spec_path), str(work), request.gpus_per_node,
-                               request.nodes)
+                               request.nodes, env)
         # launch.json before spec.json: `recover` relaunches a job whose spec.json exists
-        (work / "launch.json").write_text(json.dumps({"gpus_per_node": launch.gpus_per_node, "nodes": launch.nodes}))
+        (work / "launch.json").write_text(json.dumps({"gpus_per_node": launch.gpus_per_node, "nodes": launch.nodes,
+                                                      "env": env}))
         spec_path.write_text(json.dumps(spec.to_dict(), indent=2))
-        self.launcher.launch(launch)
+        try:
+            self.launcher.launch(launch)
+        except Exception:
+            LAUNCHER_ERRORS.labels("launch").inc()
+            raise
         return row, True
 
     def _materialize(self, request: TrainingRequest, work: Path) -> dict[str, Any]:
@@ -183,7 +194,7 @@ class TrainingJobs:
         work = Path(row.work_dir)
         resources = json.loads((work / "launch.json").read_text())
         return LaunchRequest(row.id, row.concept_name, str(work / "spec.json"), row.work_dir,
-                             resources["gpus_per_node"], resources["nodes"])
+                             resources["gpus_per_node"], resources["nodes"], resources.get("env", {}))
 
     def _resume(self, row, reason: str) -> str | None:
         """Relaunch a job whose training process died, from its checkpoint.
@@ -216,6 +227,7 @@ class TrainingJobs:
         try:
             self.launcher.launch(self._launch_request(row))
         except Exception:  # noqa: BLE001 - the job must end with a reason, not hang in "running"
+            LAUNCHER_ERRORS.labels("relaunch").inc()
             log.exception("job %s: relaunch from its checkpoint failed", row.id)
             return f"{reason}; resuming it from its checkpoint failed (the service log has why)"
         return None
@@ -225,6 +237,26 @@ class TrainingJobs:
             row = self.registry.get_job(event.job_id)
         except NotFound:
             return
+        with job_context(row.id, self._trace_id(row)):
+            self._on_event(row, event)
+        if event.state.terminal:
+            for gauge in (TRAINING_LOSS, TRAINING_STEPS_PER_S):
+                try:
+                    gauge.remove(row.id)
+                except KeyError:  # it never reported progress
+                    pass
+
+    @staticmethod
+    def _trace_id(row) -> str:
+        """The trace id of the CreateTrainingJob that started the job (from its launch.json), or ""."""
+        try:
+            env = json.loads((Path(row.work_dir) / "launch.json").read_text()).get("env", {})
+        except (OSError, ValueError):
+            return ""
+        return trace_id_of(env.get(TRACEPARENT_ENV, ""))
+
+    def _on_event(self, row, event: LaunchEvent) -> None:
+        log.info("job %s: launcher reports %s%s", row.id, event.state.value, f": {event.message}" if event.message else "")
         self._tail(row)  # progress lines first, then the state change
         if event.state is LaunchState.PENDING:  # e.g. "ImagePullBackOff", "Unschedulable: 0/4 nodes..."
             self.registry.update_job(row.id, log_line=event.message)
@@ -276,6 +308,10 @@ class TrainingJobs:
                 if event.get("event") == "progress":
                     progress.update({k: event[k] for k in ("step", "total_steps", "loss", "lr", "images_per_s",
                                                            "eta_s") if k in event})
+                    if isinstance(event.get("loss"), (int, float)):
+                        TRAINING_LOSS.labels(row.id).set(event["loss"])
+                    if isinstance(event.get("steps_per_s"), (int, float)):
+                        TRAINING_STEPS_PER_S.labels(row.id).set(event["steps_per_s"])
                 progress["_offset"] = offset + len(complete)
                 self.registry.update_job(row.id, progress=progress, log_line=line)
 

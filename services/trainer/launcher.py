@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -32,6 +32,8 @@ class LaunchRequest:
         work_dir: job directory as seen by the training process (progress lines, logs, output).
         gpus_per_node: GPUs per node; 0 runs on CPU.
         nodes: number of nodes (more than 1: torchrun rendezvous across pods).
+        env: more environment of the training process: the trace it continues (TRACEPARENT) and where
+            its spans go (CUSTOMDIFF_OTLP_ENDPOINT).
     """
 
     job_id: str
@@ -40,6 +42,7 @@ class LaunchRequest:
     work_dir: str
     gpus_per_node: int = 0
     nodes: int = 1
+    env: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -81,6 +81,11 @@ app.kubernetes.io/component: training-job
 {{- end }}
 {{- end }}
 
+{{/* The port of each service's /metrics; 0 turns the endpoint off. */}}
+{{- define "customdiff.metricsPort" -}}
+{{- if .Values.metrics.enabled }}{{ .Values.metrics.port }}{{ else }}0{{ end }}
+{{- end }}
+
 {{/* The YAML file `Settings.load` reads (services/common/settings.py); keys are Settings fields. */}}
 {{- define "customdiff.config" -}}
 {{- $mount := .Values.persistence.mountPath }}
@@ -111,6 +116,9 @@ max_image_bytes: {{ int64 .Values.config.maxImageBytes }}
 max_image_pixels: {{ int64 .Values.config.maxImagePixels }}
 shutdown_grace_s: {{ .Values.config.shutdownGraceSeconds }}
 rpc_limits: {{ toJson .Values.config.rpcLimits }}
+metrics_port: {{ include "customdiff.metricsPort" . }}
+otlp_endpoint: {{ .Values.tracing.otlpEndpoint | quote }}
+log_format: {{ .Values.logFormat }}
 quotas:
   default: {{ include "customdiff.quota" .Values.config.quotas.default }}
   tenants:
@@ -198,9 +206,18 @@ kubernetes:
 {{- $errors = append $errors "baseModel.init.enabled: needs baseModel.init.image and baseModel.init.command" }}
 {{- end }}
 {{- end }}
-{{- with .Values.inference.autoscaling }}
+{{- range $component := list "inference" "triton" }}
+{{- with (index $.Values $component).autoscaling }}
 {{- if and .enabled (gt (int .minReplicas) (int .maxReplicas)) }}
-{{- $errors = append $errors (printf "inference.autoscaling: minReplicas %v is above maxReplicas %v" .minReplicas .maxReplicas) }}
+{{- $errors = append $errors (printf "%s.autoscaling: minReplicas %v is above maxReplicas %v" $component .minReplicas .maxReplicas) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if .Values.metrics.enabled }}
+{{- range $component := list "trainer" "merger" "inference" }}
+{{- if eq (int (index $.Values $component).port) (int $.Values.metrics.port) }}
+{{- $errors = append $errors (printf "metrics.port: %v is also %s.port; give /metrics its own port" $.Values.metrics.port $component) }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- if $errors }}

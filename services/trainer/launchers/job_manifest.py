@@ -150,7 +150,8 @@ def _pod_spec(request: LaunchRequest, settings: KubernetesSettings, name: str) -
     uid = settings.run_as_user
     base_env = [{"name": "PYTHONUNBUFFERED", "value": "1"},
                 {"name": "HF_HUB_OFFLINE", "value": "1"}]  # the base model comes from a volume, never a hub
-    env = [*base_env, {"name": "CUSTOMDIFF_JOB_ID", "value": request.job_id}]
+    env = [*base_env, {"name": "CUSTOMDIFF_JOB_ID", "value": request.job_id},
+           *({"name": k, "value": v} for k, v in sorted(request.env.items()))]
     if request.nodes > 1:
         env.append({"name": "JOB_COMPLETION_INDEX",
                     "valueFrom": {"fieldRef": {"fieldPath": _COMPLETION_INDEX_ANNOTATION}}})

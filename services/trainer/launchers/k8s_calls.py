@@ -18,6 +18,7 @@ from concepts.errors import (
     PermissionDenied,
     Unavailable,
 )
+from services.common.metrics import LAUNCHER_ERRORS
 
 log = logging.getLogger(__name__)
 TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -39,11 +40,13 @@ def call_with_retries(what: str, fn: Callable[..., Any], *args: Any, retries: in
         try:
             return fn(*args, **kwargs)
         except ApiException as e:
+            LAUNCHER_ERRORS.labels(f"http_{e.status}").inc()
             if e.status not in TRANSIENT_STATUSES or attempt == retries:
                 raise domain_error(what, e) from e
             delay = _retry_after(e) or backoff(attempt)
             log.warning("%s: HTTP %s, retrying in %.1fs", what, e.status, delay)
         except urllib3.exceptions.HTTPError as e:
+            LAUNCHER_ERRORS.labels("connection").inc()
             if attempt == retries:
                 raise Unavailable(f"{what}: {e}") from e
             delay = backoff(attempt)

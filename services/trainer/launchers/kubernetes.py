@@ -27,6 +27,7 @@ from concepts.errors import (
     FailedPrecondition,
     NotFound,
 )
+from services.common.metrics import LAUNCHER_ERRORS
 from services.common.settings import KubernetesSettings
 from services.trainer.launcher import LaunchEvent, LaunchRequest, LaunchState, outcome_from_work_dir
 from services.trainer.launchers.job_manifest import (
@@ -251,14 +252,17 @@ class KubernetesJobLauncher:
                     version = None
                     continue
                 failures += 1
+                LAUNCHER_ERRORS.labels("watch").inc()
                 log.warning("watching Jobs failed (HTTP %s: %s); retrying", e.status, e.reason)
             except (urllib3.exceptions.HTTPError, CustomDiffError) as e:
                 if self._stop.is_set():
                     break  # close() cut the stream
                 failures += 1
+                LAUNCHER_ERRORS.labels("watch").inc()
                 log.warning("watching Jobs failed (%s); retrying", e)
             except Exception:  # e.g. an object the client cannot parse: the watch thread must live on
                 failures += 1
+                LAUNCHER_ERRORS.labels("watch").inc()
                 log.exception("watching Jobs failed; relisting")
                 version = None
             self._stop.wait(backoff(failures - 1) if failures else 0)

@@ -107,7 +107,7 @@ class LocalProcessLauncher:
                    f"--nproc_per_node={request.gpus_per_node}", "-m", "trainer", "--spec", request.spec_path]
         else:
             cmd = [self._python, "-m", "trainer", "--spec", request.spec_path]
-        env = dict(os.environ)
+        env = dict(os.environ, **request.env, CUSTOMDIFF_JOB_ID=request.job_id)
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self._slots)))
         with open(work / "train.log", "ab") as logfile:
             proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

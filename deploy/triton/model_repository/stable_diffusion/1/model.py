@@ -25,7 +25,7 @@ import triton_python_backend_utils as pb_utils
 
 from concepts.errors import CustomDiffError
 from engine.engine import Engine
-from services.inference.triton_model import model_parameters, respond, submit_decoupled
+from services.inference.triton_model import model_parameters, observe, respond, submit_decoupled
 from services.inference.triton_protocol import ModelSettings
 
 log = logging.getLogger("customdiff.triton")
@@ -46,11 +46,12 @@ class TritonPythonModel:
                                                 'batching "step" (requests are answered by the step loop)')
         gpu = args["model_instance_kind"] == "GPU"
         device = f"cuda:{args['model_instance_device_id']}" if gpu else "cpu"
+        observer, self.stop_tracing = observe(args)
         self.engine = Engine.from_paths(
             settings.base_model, settings.store_url, device=device, dtype=getattr(torch, settings.dtype),
             cache_bytes=settings.cache_bytes, host_cache_bytes=settings.host_cache_bytes,
             max_batch_images=settings.max_batch_images, unet_backend=settings.unet_backend,
-            unet_onnx=settings.unet_onnx, batching=batching,
+            unet_onnx=settings.unet_onnx, batching=batching, observer=observer,
         )
         log.info("stable_diffusion instance %s loaded base %s (fingerprint %s) on %s, %s-level batching%s",
                  args["model_instance_name"], settings.base_model, self.engine.base.fingerprint, device,
@@ -64,5 +65,7 @@ class TritonPythonModel:
         return respond(self.engine, requests, "stable_diffusion")
 
     def finalize(self) -> None:
-        """Stop the step loop; requests it still holds are answered UNAVAILABLE."""
+        """Stop the step loop; requests it still holds are answered UNAVAILABLE. Flush the spans."""
         self.engine.close()
+        if self.stop_tracing is not None:
+            self.stop_tracing()

@@ -22,7 +22,7 @@ from concepts.errors import CustomDiffError, InvalidArgument, Unavailable
 from concepts.store import ArtifactStore
 from engine.onnx_pipeline import exported_engine
 from engine.onnx_unet import GRAPH_FILE, OUTPUTS, UNET, Run
-from services.inference.triton_model import respond
+from services.inference.triton_model import observe, respond
 from services.inference.triton_protocol import ModelSettings
 
 log = logging.getLogger("customdiff.triton")
@@ -55,10 +55,11 @@ class TritonPythonModel:
             gpu = args["model_instance_kind"] == "GPU"
             device = f"cuda:{args['model_instance_device_id']}" if gpu else "cpu"
             unet_onnx = Path(args["model_repository"]).parent / UNET / "1" / GRAPH_FILE
+            observer, self.stop_tracing = observe(args)
             self.engine = exported_engine(
                 load_base(settings.base_model, device=device), ArtifactStore(settings.store_url), run,
                 unet_onnx, cache_bytes=settings.cache_bytes, host_cache_bytes=settings.host_cache_bytes,
-                max_batch_images=settings.max_batch_images)
+                max_batch_images=settings.max_batch_images, observer=observer)
         except CustomDiffError as e:
             raise pb_utils.TritonModelException(f"stable_diffusion (ONNX repository): {e}") from e
         log.info("stable_diffusion (ONNX) instance %s: base %s (fingerprint %s) on %s, graphs in %s",
@@ -68,3 +69,8 @@ class TritonPythonModel:
     def execute(self, requests: list) -> list:
         """One response per request, in order; the batch's valid requests share the graphs' calls."""
         return respond(self.engine, requests, "stable_diffusion (ONNX)")
+
+    def finalize(self) -> None:
+        """Flush the spans."""
+        if self.stop_tracing is not None:
+            self.stop_tracing()
