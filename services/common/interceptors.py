@@ -70,7 +70,8 @@ def _request_id_from(metadata) -> str:
 
 
 def wrap_behaviour(handler: grpc.RpcMethodHandler, around: Callable) -> grpc.RpcMethodHandler:
-    """Rebuild `handler` with its unary-unary or unary-stream behaviour wrapped by `around(behaviour)`."""
+    """Rebuild `handler` with its behaviour, of any of the four kinds, wrapped by `around(behaviour, streaming)`;
+    `streaming` says whether the behaviour yields its responses."""
     if handler is None:
         return None
     if handler.unary_unary:
@@ -79,10 +80,13 @@ def wrap_behaviour(handler: grpc.RpcMethodHandler, around: Callable) -> grpc.Rpc
     if handler.unary_stream:
         return grpc.unary_stream_rpc_method_handler(around(handler.unary_stream, streaming=True),
                                                     handler.request_deserializer, handler.response_serializer)
+    if handler.stream_unary:  # client-streaming uploads: `request` is the iterator of messages
+        return grpc.stream_unary_rpc_method_handler(around(handler.stream_unary, streaming=False),
+                                                    handler.request_deserializer, handler.response_serializer)
     if handler.stream_stream:  # reflection
         return grpc.stream_stream_rpc_method_handler(around(handler.stream_stream, streaming=True),
                                                      handler.request_deserializer, handler.response_serializer)
-    return handler
+    raise TypeError(f"a method handler of no known kind: {handler!r}")  # never serve one unwrapped (unauthenticated)
 
 
 def wrap_enter_leave(handler: grpc.RpcMethodHandler, enter: Callable[[grpc.ServicerContext], object],

@@ -83,8 +83,10 @@ def build_server(settings: ServerSettings, services: list[Service], port: int
     reflection.enable_server_reflection([s.name for s in services] + [reflection.SERVICE_NAME], server)
     address = f"{settings.host}:{port}"
     if settings.tls_cert_file:
-        credentials = grpc.ssl_server_credentials(
-            [(Path(settings.tls_key_file).read_bytes(), Path(settings.tls_cert_file).read_bytes())])
+        client_ca = Path(settings.tls_client_ca_file).read_bytes() if settings.tls_client_ca_file else None
+        credentials = grpc.ssl_server_credentials(  # with a client CA: mTLS, a client certificate is required
+            [(Path(settings.tls_key_file).read_bytes(), Path(settings.tls_cert_file).read_bytes())],
+            root_certificates=client_ca, require_client_auth=client_ca is not None)
         bound = server.add_secure_port(address, credentials)
     else:
         bound = server.add_insecure_port(address)

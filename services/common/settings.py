@@ -122,6 +122,7 @@ class ServerSettings:
     api_keys: str
     tls_cert_file: str
     tls_key_file: str
+    tls_client_ca_file: str
     max_message_bytes: int
     rpc_limits: RpcLimits
 
@@ -170,6 +171,8 @@ class Settings:
     api_keys: str = ""
     tls_cert_file: str = ""
     tls_key_file: str = ""
+    # mTLS: clients must present a certificate signed by this CA (PEM); needs tls_cert_file and tls_key_file.
+    tls_client_ca_file: str = ""
     # Triton gRPC endpoint the InferenceService calls.
     triton_url: str = "127.0.0.1:8001"
     triton_model: str = "stable_diffusion"
@@ -218,6 +221,8 @@ class Settings:
             raise InvalidArgument("metrics_refresh_s", f"must be in 0.1..3600 seconds, got {self.metrics_refresh_s}")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise InvalidArgument("tls_cert_file", "TLS needs both tls_cert_file and tls_key_file")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise InvalidArgument("tls_client_ca_file", "mTLS needs the server's own tls_cert_file and tls_key_file")
 
     def server(self) -> ServerSettings:
         return _section(ServerSettings, self)
