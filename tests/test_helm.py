@@ -41,9 +41,10 @@ def helm(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([helm_binary(), *args], capture_output=True, text=True, timeout=120, check=False)
 
 
-def render(values: Path | None = None, *sets: str) -> list[dict]:
+def render(values: Path | list[Path] | None = None, *sets: str) -> list[dict]:
     args = ["template", "cd", str(CHART), "--namespace", NS]
-    args += ["-f", str(values)] if values else []
+    for path in [values] if isinstance(values, Path) else values or []:
+        args += ["-f", str(path)]
     for item in sets:
         args += ["--set", item]
     result = helm(*args)
@@ -483,3 +484,366 @@ def test_grafana_dashboard_queries_only_documented_metrics_through_its_datasourc
     query = variables["namespace"]["query"]["query"]
     used |= {_documented(n) for n in re.findall(r"label_values\((\w+)", query)}
     assert used == DOCUMENTED_METRICS  # and every documented metric has its place on the dashboard
+
+
+# --- Backend ergonomics: pod options of every component, gRPC from outside, mTLS, the ONNX repository ---
+
+COMPONENTS = (*SERVICES, "triton")
+PROTO = ROOT / "proto" / "customdiffusion" / "v1"
+SELECTOR_KEYS = ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/component")
+POD_OPTIONS = ("podAnnotations", "podLabels", "extraEnv", "extraEnvFrom", "extraVolumes", "extraVolumeMounts",
+               "runtimeClassName", "priorityClassName", "topologySpreadConstraints")
+NEW_VALUES = (*(f"{c}.{o}" for c in COMPONENTS for o in POD_OPTIONS), "tls.clientCaSecret", "tls.clientCaKey",
+              "triton.modelRepository", "triton.onnxRepositoryPath", "ingress.enabled", "ingress.className",
+              "ingress.annotations", "ingress.hosts", "ingress.tlsSecret", "gatewayApi.enabled",
+              "gatewayApi.parentRefs", "gatewayApi.hostnames")
+
+# kubernetes-validate knows no Gateway API: the fields of gateway.networking.k8s.io/v1 GRPCRoute the chart
+# renders, typed and patterned as the Gateway API v1.3 CRD types them (its CEL rules as JSON Schema).
+_DNS_LABEL = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+_DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+_PORT = {"type": "integer", "minimum": 1, "maximum": 65535}
+GRPC_ROUTE_SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "gateway.networking.k8s.io/v1"},
+        "kind": {"const": "GRPCRoute"},
+        "metadata": SERVICE_MONITOR_SCHEMA["properties"]["metadata"],
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["parentRefs", "rules"],
+            "properties": {
+                "parentRefs": {"type": "array", "minItems": 1, "maxItems": 32, "items": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["name"],
+                    "properties": {
+                        "group": {"type": "string", "maxLength": 253, "pattern": f"^$|{_DNS_SUBDOMAIN}"},
+                        "kind": {"type": "string", "maxLength": 63, "pattern": "^[a-zA-Z]([-a-zA-Z0-9]*[a-zA-Z0-9])?$"},
+                        "namespace": {"type": "string", "maxLength": 63, "pattern": _DNS_LABEL},
+                        "name": {"type": "string", "minLength": 1, "maxLength": 253},
+                        "sectionName": {"type": "string", "maxLength": 253, "pattern": _DNS_SUBDOMAIN},
+                        "port": _PORT,
+                    },
+                }},
+                "hostnames": {"type": "array", "maxItems": 16, "items": {
+                    "type": "string", "minLength": 1, "maxLength": 253,
+                    "pattern": r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"}},
+                "rules": {"type": "array", "minItems": 1, "maxItems": 16, "items": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["matches", "backendRefs"],
+                    "properties": {
+                        "matches": {"type": "array", "minItems": 1, "maxItems": 64, "items": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "required": ["method"],
+                            "properties": {"method": {
+                                "type": "object",
+                                "additionalProperties": False,
+                                "required": ["service"],
+                                "properties": {
+                                    "type": {"enum": ["Exact", "RegularExpression"]},
+                                    "service": {"type": "string", "maxLength": 1024,
+                                                "pattern": r"^\.?[A-Za-z_][A-Za-z_0-9]*(\.[A-Za-z_][A-Za-z_0-9]*)*$"},
+                                    "method": {"type": "string", "maxLength": 1024,
+                                               "pattern": "^[A-Za-z_][A-Za-z_0-9]*$"},
+                                },
+                            }},
+                        }},
+                        "backendRefs": {"type": "array", "minItems": 1, "maxItems": 16, "items": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "required": ["name", "port"],  # a Service backend must name its port
+                            "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 253},
+                                           "port": _PORT,
+                                           "weight": {"type": "integer", "minimum": 0, "maximum": 1000000}},
+                        }},
+                    },
+                }},
+            },
+        },
+    },
+}
+_SCHEMAS = {"ServiceMonitor": SERVICE_MONITOR_SCHEMA, "GRPCRoute": GRPC_ROUTE_SCHEMA}
+
+
+def validate_any(doc: dict) -> None:
+    """validate_manifest, and GRPCRoutes (a CRD kubernetes-validate lacks) against GRPC_ROUTE_SCHEMA."""
+    if doc["kind"] in _SCHEMAS:
+        jsonschema.validate(doc, _SCHEMAS[doc["kind"]])
+    else:
+        validate_manifest(doc)
+
+
+def pod_options(component: str) -> dict:
+    """Every pod option, with values that tell the components apart."""
+    return {
+        "podAnnotations": {"example.com/owner": f"{component}-team"},
+        "podLabels": {"example.com/team": component},
+        "extraEnv": [{"name": "EXTRA_COMPONENT", "value": component},
+                     {"name": "EXTRA_TOKEN", "valueFrom": {"secretKeyRef": {"name": "extra", "key": component}}}],
+        "extraEnvFrom": [{"configMapRef": {"name": f"{component}-env"}},
+                         {"secretRef": {"name": "shared-env", "optional": True}, "prefix": "SHARED_"}],
+        "extraVolumes": [{"name": "extra-files", "configMap": {"name": f"{component}-files"}}],
+        "extraVolumeMounts": [{"name": "extra-files", "mountPath": "/etc/extra", "readOnly": True}],
+        "runtimeClassName": "nvidia" if component == "triton" else "gvisor",
+        "priorityClassName": f"{component}-priority",
+        "topologySpreadConstraints": [
+            {"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "ScheduleAnyway"},
+            {"maxSkew": 2, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "DoNotSchedule",
+             "labelSelector": {"matchLabels": {"example.com/team": component}},
+             "matchLabelKeys": ["pod-template-hash"]}],
+    }
+
+
+# Every value the backend-ergonomics change added, set (tests check it against values.yaml's defaults).
+EVERY_NEW_VALUE = {
+    **{component: pod_options(component) for component in SERVICES},
+    "triton": {**pod_options("triton"), "modelRepository": "onnx", "onnxRepositoryPath": "exports/sd15-onnx"},
+    "baseModel": {"existingClaim": "sd-base-models", "path": "stable-diffusion-v1-5"},
+    "tls": {"existingSecret": "customdiff-tls", "clientCaSecret": "customdiff-client-ca",
+            "clientCaKey": "clients.pem"},
+    "ingress": {"enabled": True, "className": "nginx",
+                "annotations": {"nginx.ingress.kubernetes.io/backend-protocol": "GRPCS"},
+                "hosts": ["customdiff.example.com", "gen.example.com"], "tlsSecret": "customdiff-public-tls"},
+    "gatewayApi": {"enabled": True, "hostnames": ["customdiff.example.com"],
+                   "parentRefs": [{"name": "shared", "namespace": "gateway", "sectionName": "grpc"}]},
+}
+
+
+@pytest.fixture
+def every_new_value(tmp_path: Path) -> Path:
+    path = tmp_path / "every-new-value.yaml"
+    path.write_text(yaml.safe_dump(EVERY_NEW_VALUE))
+    return path
+
+
+def _lookup(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree
+
+
+def pods(docs: list[dict]) -> dict[str, tuple[dict, dict, dict]]:
+    """Component -> (pod template metadata, pod spec, main container) of each Deployment."""
+    out = {}
+    for deployment in find(docs, "Deployment"):
+        name, template = component(deployment), deployment["spec"]["template"]
+        [container] = [c for c in template["spec"]["containers"] if c["name"] == name]
+        out[name] = (template["metadata"], template["spec"], container)
+    return out
+
+
+def helm_fails(*sets: str, schema: bool = False) -> str:
+    """helm template refuses `sets`, and so does helm lint --strict where the schema does (lint only logs a
+    template's `fail`); the output of both."""
+    args = [a for s in sets for a in ("--set", s)]
+    template, lint = helm("template", "cd", str(CHART), *args), helm("lint", "--strict", str(CHART), *args)
+    assert template.returncode != 0, sets
+    assert lint.returncode != 0 or not schema, sets
+    return template.stderr + lint.stdout + lint.stderr
+
+
+@pytest.mark.parametrize("values", VALUE_FILES)
+def test_every_new_value_renders_and_every_manifest_validates_strictly(every_new_value, values):
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    for dotted in NEW_VALUES:  # the file sets every new value, none to its default
+        assert _lookup(EVERY_NEW_VALUE, dotted) != _lookup(defaults, dotted), dotted
+    files = [values, every_new_value] if values else [every_new_value]
+    lint = helm("lint", "--strict", str(CHART), *(arg for f in files for arg in ("-f", str(f))))
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    docs = render(files)
+    for doc in docs:
+        validate_any(doc)
+    assert len(find(docs, "Ingress")) == len(find(docs, "GRPCRoute")) == 1
+    assert sorted(pods(docs)) == sorted(COMPONENTS)
+    [route] = find(docs, "GRPCRoute")
+    with pytest.raises(jsonschema.ValidationError):  # the hand-written schema does reject a broken route
+        validate_any({**route, "spec": {**route["spec"], "rules": [{"backendRefs": [{"name": "x"}]}]}})
+
+
+def test_pod_options_reach_each_component_pod_spec(every_new_value):
+    docs = render(every_new_value)
+    for name, (metadata, spec, container) in pods(docs).items():
+        expected = pod_options(name)
+        assert metadata["annotations"].items() >= expected["podAnnotations"].items()
+        assert metadata["labels"]["example.com/team"] == name
+        env = container["env"]
+        assert env[-2:] == expected["extraEnv"]  # after the chart's, so a same-named one wins
+        assert "HOME" in {e["name"] for e in env[:-2]}
+        assert container["envFrom"] == expected["extraEnvFrom"]
+        assert spec["volumes"][-1] == expected["extraVolumes"][0]
+        assert {v["name"] for v in spec["volumes"][:-1]} >= {"data", "tmp"}  # the chart's are still there
+        assert container["volumeMounts"][-1] == expected["extraVolumeMounts"][0]
+        assert (spec["runtimeClassName"], spec["priorityClassName"]) == (
+            expected["runtimeClassName"], expected["priorityClassName"])
+        zone, host = spec["topologySpreadConstraints"]
+        # Without a labelSelector a constraint counts this component's pods, as the Deployment selects them.
+        deployment = next(d for d in find(docs, "Deployment") if component(d) == name)
+        assert zone == {**expected["topologySpreadConstraints"][0],
+                        "labelSelector": {"matchLabels": deployment["spec"]["selector"]["matchLabels"]}}
+        assert host == expected["topologySpreadConstraints"][1]  # an explicit labelSelector is kept
+    # store.envFromSecret stays first in envFrom, extraEnvFrom after it.
+    docs = render(every_new_value, "store.envFromSecret=customdiff-s3")
+    for name, (_, _, container) in pods(docs).items():
+        assert container["envFrom"] == [{"secretRef": {"name": "customdiff-s3"}}, *pod_options(name)["extraEnvFrom"]]
+
+
+def test_new_values_are_accepted_and_misspelled_or_misshapen_ones_rejected_by_the_schema():
+    docs = render(None, "trainer.extraEnv[0].name=X", "trainer.extraEnv[0].value=1x",
+                  "triton.runtimeClassName=nvidia")
+    assert {"name": "X", "value": "1x"} in pods(docs)["trainer"][2]["env"]
+    assert pods(docs)["triton"][1]["runtimeClassName"] == "nvidia"
+    assert "runtimeClassName" not in pods(render())["triton"][1]
+    for sets, message in (
+        (["trainer.extraEnvv[0].name=X"], "trainer: Additional property extraEnvv is not allowed"),
+        (["triton.runtimeClasName=nvidia"], "triton: Additional property runtimeClasName is not allowed"),
+        (["ingress.hostz={a.example.com}"], "ingress: Additional property hostz is not allowed"),
+        (["merger.extraEnv[0].value=x"], "merger.extraEnv.0: name is required"),
+        (["merger.extraEnv[0].name=X", "merger.extraEnv[0].valu=x"],
+         "merger.extraEnv.0: Additional property valu is not allowed"),
+        (["inference.extraVolumeMounts[0].name=x"], "inference.extraVolumeMounts.0: mountPath is required"),
+        (["triton.topologySpreadConstraints[0].maxSkew=1"], "topologySpreadConstraints.0: topologyKey is required"),
+        (["trainer.runtimeClassName=Not_A_Name"], "trainer.runtimeClassName: Does not match pattern"),
+        (["triton.modelRepository=tensorrt"], 'triton.modelRepository must be one of the following: "torch", "onnx"'),
+        (["trainer.extraEnv[0].name=X", "trainer.extraEnv[0].value=1"],  # --set makes 1 a number: --set-string
+         "trainer.extraEnv.0.value: Invalid type. Expected: string, given: integer"),
+    ):
+        assert message in helm_fails(*sets, schema=True), sets
+
+
+def test_pod_labels_cannot_change_what_the_chart_selects():
+    docs = render(None, *(f"{c}.podLabels.team=ml" for c in COMPONENTS))
+    services = {component(s): s for s in find(docs, "Service")}
+    for name, (metadata, _, _) in pods(docs).items():
+        deployment = next(d for d in find(docs, "Deployment") if component(d) == name)
+        assert metadata["labels"]["team"] == "ml"
+        assert selects(deployment["spec"]["selector"], metadata["labels"])
+        assert selects({"matchLabels": services[name]["spec"]["selector"]}, metadata["labels"])
+    for key in SELECTOR_KEYS:
+        escaped = key.replace(".", r"\.")
+        output = helm_fails(*(f"{c}.podLabels.{escaped}=other" for c in COMPONENTS))
+        for name in COMPONENTS:
+            assert f"- {name}.podLabels: {key} is one of the chart's selector labels; pick another key" in output
+    # Nor may an extra volume take a name the chart's pods use.
+    output = helm_fails("merger.extraVolumes[0].name=tmp", "merger.extraVolumes[0].emptyDir.medium=Memory")
+    assert "- merger.extraVolumes: the chart names a volume tmp already; rename yours" in output
+
+
+def test_model_repository_onnx_serves_the_exported_repository_on_the_base_model_claim():
+    def triton_args(*sets: str) -> list[str]:
+        [container] = [c for c in pods(render(None, *sets))["triton"][1]["containers"] if c["name"] == "triton"]
+        if "baseModel.existingClaim=sd-base-models" in sets:  # the claim the repository is read from
+            assert {"name": "base-model", "mountPath": "/models/base", "readOnly": True} in container["volumeMounts"]
+        return container["args"]
+
+    # torch (default): the repository Dockerfile.triton copies into the image, with its GPU config.
+    dockerfile = (ROOT / "deploy" / "docker" / "Dockerfile.triton").read_text()
+    [image_repository] = re.findall(r"^COPY deploy/triton/model_repository (\S+)$", dockerfile, flags=re.MULTILINE)
+    assert triton_args()[:2] == [f"--model-repository={image_repository}", "--model-config-name=gpu"]
+    # onnx: deploy/triton/model_repository_onnx as exported onto the base model claim (docs/deploy.md step 9).
+    assert (ROOT / "deploy" / "triton" / "model_repository_onnx" / "stable_diffusion" / "config.pbtxt").exists()
+    args = triton_args("triton.modelRepository=onnx", "baseModel.existingClaim=sd-base-models")
+    assert args[0] == "--model-repository=/models/base/repository-onnx"
+    assert not [a for a in args if a.startswith("--model-config-name")]  # gpu.pbtxt is the torch model's
+    args = triton_args("triton.modelRepository=onnx", "baseModel.existingClaim=sd", "baseModel.mountPath=/m",
+                       "triton.onnxRepositoryPath=exports/onnx/")
+    assert args[0] == "--model-repository=/m/exports/onnx"
+    output = helm_fails("triton.modelRepository=onnx")
+    assert ("- triton.modelRepository: onnx reads the exported repository from baseModel.existingClaim; "
+            "set it") in output
+    assert "triton.onnxRepositoryPath: Does not match pattern" in helm_fails(
+        "triton.modelRepository=onnx", "baseModel.existingClaim=sd", "triton.onnxRepositoryPath=/abs", schema=True)
+
+
+def test_mtls_mounts_the_client_ca_renders_tls_client_ca_file_and_keeps_probes_on_tcp():
+    docs = render(None, "tls.existingSecret=customdiff-tls", "tls.clientCaSecret=customdiff-client-ca")
+    settings = settings_of(docs)  # Settings accepts it: the CA comes with the services' own key pair
+    assert settings.tls_client_ca_file == "/etc/customdiff/client-ca/ca.crt"
+    assert settings.tls_cert_file == "/etc/customdiff/tls/tls.crt"
+    ports = {"trainer": settings.trainer_port, "merger": settings.merger_port, "inference": settings.inference_port}
+    for name, (_, spec, container) in pods(docs).items():
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        if name == "triton":  # Triton serves only the inference service, not clients
+            assert "client-ca" not in volumes
+            continue
+        assert volumes["client-ca"] == {"name": "client-ca", "secret": {
+            "secretName": "customdiff-client-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}]}}
+        assert mounts["/etc/customdiff/client-ca"] == "client-ca"
+        # The kubelet's probes present no client certificate: TCP connects, not gRPC health checks.
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert container[probe]["tcpSocket"] == {"port": ports[name]}
+            assert "grpc" not in container[probe]
+    docs = render(None, "tls.existingSecret=t", "tls.clientCaSecret=ca", "tls.clientCaKey=clients.pem")
+    assert settings_of(docs).tls_client_ca_file == "/etc/customdiff/client-ca/clients.pem"
+    assert "tls_client_ca_file" not in find(render(None, "tls.existingSecret=t"), "ConfigMap")[0]["data"]["config.yaml"]
+    assert ("- tls.clientCaSecret: mTLS needs the services' own key pair; set tls.existingSecret too"
+            in helm_fails("tls.clientCaSecret=ca"))
+
+
+def _proto_services() -> set[str]:
+    """Every gRPC service the protos define, as package.Service."""
+    found = set()
+    for proto in PROTO.glob("*.proto"):
+        text = proto.read_text()
+        [package] = re.findall(r"^package ([\w.]+);", text, flags=re.MULTILINE)
+        found |= {f"{package}.{s}" for s in re.findall(r"^service (\w+) \{", text, flags=re.MULTILINE)}
+    return found
+
+
+def test_ingress_and_grpc_route_send_each_grpc_service_to_a_service_grpc_port():
+    assert not find(render(), "Ingress") and not find(render(), "GRPCRoute")
+    docs = render(None, "ingress.enabled=true", "ingress.hosts={a.example.com,b.example.com}",
+                  "ingress.tlsSecret=public-tls", "ingress.className=nginx", "gatewayApi.enabled=true",
+                  "gatewayApi.parentRefs[0].name=shared", "gatewayApi.parentRefs[0].namespace=gateway")
+    grpc_ports = {s["metadata"]["name"]: next(p["port"] for p in s["spec"]["ports"] if p["name"] == "grpc")
+                  for s in find(docs, "Service")}
+    expected = {f"customdiffusion.v1.{s}Service": f"cd-customdiff-{s.lower()}" for s in ("Trainer", "Merger",
+                                                                                           "Inference")}
+    expected["customdiffusion.v1.ConceptService"] = "cd-customdiff-inference"  # on every server
+    assert set(expected) == _proto_services()
+
+    [ingress] = find(docs, "Ingress")
+    kubernetes_validate.validate(ingress, KUBE_VERSION, strict=True)
+    assert ingress["metadata"]["annotations"] == {"nginx.ingress.kubernetes.io/backend-protocol": "GRPC"}
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+    assert ingress["spec"]["tls"] == [{"secretName": "public-tls", "hosts": ["a.example.com", "b.example.com"]}]
+    assert [rule["host"] for rule in ingress["spec"]["rules"]] == ["a.example.com", "b.example.com"]
+    for rule in ingress["spec"]["rules"]:
+        routed = {}
+        for path in rule["http"]["paths"]:
+            assert path["pathType"] == "Prefix"
+            backend = path["backend"]["service"]
+            assert backend["port"]["number"] == grpc_ports[backend["name"]]
+            routed[path["path"].removeprefix("/")] = backend["name"]
+        assert routed == expected
+
+    [route] = find(docs, "GRPCRoute")
+    jsonschema.validate(route, GRPC_ROUTE_SCHEMA)
+    assert route["spec"]["parentRefs"] == [{"name": "shared", "namespace": "gateway"}]
+    routed = {}
+    for rule in route["spec"]["rules"]:
+        [match], [backend] = rule["matches"], rule["backendRefs"]
+        assert match["method"]["type"] == "Exact" and backend["port"] == grpc_ports[backend["name"]]
+        routed[match["method"]["service"]] = backend["name"]
+    assert routed == expected
+
+    # No hosts: one rule for any host. Ports follow the values.
+    [ingress] = find(render(None, "ingress.enabled=true", "trainer.port=6000"), "Ingress")
+    [rule] = ingress["spec"]["rules"]
+    assert "host" not in rule and "tls" not in ingress["spec"]
+    assert rule["http"]["paths"][0]["backend"]["service"]["port"]["number"] == 6000
+    # Combinations that cannot work.
+    assert ("- gatewayApi.enabled: needs gatewayApi.parentRefs, the Gateway the GRPCRoute attaches to"
+            in helm_fails("gatewayApi.enabled=true"))
+    assert "set nginx.ingress.kubernetes.io/backend-protocol to GRPCS" in helm_fails(
+        "ingress.enabled=true", "tls.existingSecret=t")
+    docs = render(None, "ingress.enabled=true", "tls.existingSecret=t",
+                  r"ingress.annotations.nginx\.ingress\.kubernetes\.io/backend-protocol=GRPCS")
+    [ingress] = find(docs, "Ingress")
+    assert ingress["metadata"]["annotations"] == {"nginx.ingress.kubernetes.io/backend-protocol": "GRPCS"}

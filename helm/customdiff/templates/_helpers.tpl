@@ -107,6 +107,9 @@ api_keys_file: {{ printf "/etc/customdiff/api-keys/%s" .Values.apiKeys.secretKey
 tls_cert_file: /etc/customdiff/tls/tls.crt
 tls_key_file: /etc/customdiff/tls/tls.key
 {{- end }}
+{{- if .Values.tls.clientCaSecret }}
+tls_client_ca_file: {{ printf "/etc/customdiff/client-ca/%s" .Values.tls.clientCaKey | quote }}
+{{- end }}
 triton_url: {{ printf "%s:8001" (include "customdiff.componentName" (dict "ctx" . "component" "triton")) | quote }}
 triton_model: stable_diffusion
 launcher: {{ .Values.trainer.launcher }}
@@ -150,7 +153,7 @@ kubernetes:
   watch_timeout_seconds: {{ $jobs.watchTimeoutSeconds }}
 {{- end }}
 
-{{/* Volumes every customdiff pod mounts: config, API keys, TLS, data, base model, /tmp. */}}
+{{/* Volumes every customdiff pod mounts: config, API keys, TLS (and the client CA), data, base model, /tmp. */}}
 {{- define "customdiff.serviceVolumes" -}}
 - name: config
   configMap:
@@ -165,6 +168,14 @@ kubernetes:
 - name: tls
   secret:
     secretName: {{ . }}
+{{- end }}
+{{- with .Values.tls.clientCaSecret }}
+- name: client-ca
+  secret:
+    secretName: {{ . }}
+    items:
+      - key: {{ $.Values.tls.clientCaKey }}
+        path: {{ $.Values.tls.clientCaKey }}
 {{- end }}
 - name: data
   persistentVolumeClaim:
@@ -220,6 +231,33 @@ kubernetes:
 {{- end }}
 {{- end }}
 {{- end }}
+{{- if and .Values.tls.clientCaSecret (not .Values.tls.existingSecret) }}
+{{- $errors = append $errors "tls.clientCaSecret: mTLS needs the services' own key pair; set tls.existingSecret too" }}
+{{- end }}
+{{- $selectorKeys := keys (fromYaml (include "customdiff.selectorLabels" (dict "ctx" . "component" "x"))) | sortAlpha }}
+{{- $chartVolumes := list "config" "api-keys" "tls" "client-ca" "data" "base-model" "base-model-rw" "dshm" "tmp" }}
+{{- range $component := list "trainer" "merger" "inference" "triton" }}
+{{- $values := index $.Values $component }}
+{{- range $key := keys $values.podLabels | sortAlpha }}
+{{- if has $key $selectorKeys }}
+{{- $errors = append $errors (printf "%s.podLabels: %s is one of the chart's selector labels; pick another key" $component $key) }}
+{{- end }}
+{{- end }}
+{{- range $values.extraVolumes }}
+{{- if has .name $chartVolumes }}
+{{- $errors = append $errors (printf "%s.extraVolumes: the chart names a volume %s already; rename yours" $component .name) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if and (eq .Values.triton.modelRepository "onnx") (not .Values.baseModel.existingClaim) }}
+{{- $errors = append $errors "triton.modelRepository: onnx reads the exported repository from baseModel.existingClaim; set it" }}
+{{- end }}
+{{- if and .Values.gatewayApi.enabled (not .Values.gatewayApi.parentRefs) }}
+{{- $errors = append $errors "gatewayApi.enabled: needs gatewayApi.parentRefs, the Gateway the GRPCRoute attaches to" }}
+{{- end }}
+{{- if and .Values.ingress.enabled .Values.tls.existingSecret (eq (index .Values.ingress.annotations "nginx.ingress.kubernetes.io/backend-protocol" | default "") "GRPC") }}
+{{- $errors = append $errors "ingress.annotations: the services serve TLS (tls.existingSecret); set nginx.ingress.kubernetes.io/backend-protocol to GRPCS (or null for another controller)" }}
+{{- end }}
 {{- if $errors }}
 {{- fail (printf "\ninvalid values:\n- %s" (join "\n- " $errors)) }}
 {{- end }}
@@ -232,4 +270,78 @@ kubernetes:
 {{- $_ := set $out ($key | snakecase) (int64 $value) }}
 {{- end }}
 {{- toJson $out }}
+{{- end }}
+
+{{/* The pod template's metadata of component .component: the chart's labels, then podLabels, then
+     the selector labels again, so that podLabels cannot change what the Deployment, its Service,
+     PDB and network policies select (validateValues names any such key); podAnnotations, then
+     .annotations (the checksums), which they cannot override. */}}
+{{- define "customdiff.podMetadata" -}}
+{{- $values := index .ctx.Values .component }}
+{{- $labels := mergeOverwrite (fromYaml (include "customdiff.labels" .)) (deepCopy $values.podLabels) (fromYaml (include "customdiff.selectorLabels" .)) }}
+labels:
+  {{- toYaml $labels | nindent 2 }}
+{{- with mergeOverwrite (deepCopy $values.podAnnotations) (default (dict) .annotations) }}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* Where and how component .component's pod runs. A topology spread constraint without a
+     labelSelector counts this component's pods (without one it would count none). */}}
+{{- define "customdiff.podScheduling" -}}
+{{- $values := index .ctx.Values .component }}
+{{- with $values.runtimeClassName }}
+runtimeClassName: {{ . }}
+{{- end }}
+{{- with $values.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- with $values.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $values.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $values.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- $own := dict "matchLabels" (fromYaml (include "customdiff.selectorLabels" .)) }}
+{{- $constraints := list }}
+{{- range $values.topologySpreadConstraints }}
+{{- $constraint := deepCopy . }}
+{{- if not (hasKey $constraint "labelSelector") }}
+{{- $_ := set $constraint "labelSelector" $own }}
+{{- end }}
+{{- $constraints = append $constraints $constraint }}
+{{- end }}
+{{- with $constraints }}
+topologySpreadConstraints:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* The envFrom of component .component's main container: store.envFromSecret, then extraEnvFrom. */}}
+{{- define "customdiff.envFrom" -}}
+{{- $sources := list }}
+{{- with .ctx.Values.store.envFromSecret }}
+{{- $sources = append $sources (dict "secretRef" (dict "name" .)) }}
+{{- end }}
+{{- with concat $sources (index .ctx.Values .component).extraEnvFrom }}
+envFrom:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
+
+{{/* The gRPC services clients call from outside the cluster and the component serving each, for the
+     Ingress and the GRPCRoute. ConceptService is on every server; the inference front, which scales
+     out, takes it. Health and reflection answer per server, so they stay inside the cluster. */}}
+{{- define "customdiff.grpcRoutes" -}}
+- {service: customdiffusion.v1.TrainerService, component: trainer}
+- {service: customdiffusion.v1.MergerService, component: merger}
+- {service: customdiffusion.v1.InferenceService, component: inference}
+- {service: customdiffusion.v1.ConceptService, component: inference}
 {{- end }}
