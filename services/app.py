@@ -11,6 +11,7 @@ import grpc
 from grpc_health.v1 import health
 
 from concepts.store import ArtifactStore
+from services.common.concept_interop import LazyBase
 from services.common.concept_servicer import concept_service
 from services.common.metrics import RegistryGauges, serve_metrics
 from services.common.quotas import TenantQuotas
@@ -83,7 +84,7 @@ def start_stack(settings: Settings, components: tuple[str, ...] = COMPONENTS, ba
         stack.closers.callback(RegistryGauges(registry, settings.metrics_refresh_s).start().stop)
         stack.ports["metrics"] = settings.metrics_port
     quotas = TenantQuotas(settings.quotas, registry)
-    concepts = concept_service(registry, store)
+    concepts = concept_service(registry, store, quotas, LazyBase(base))  # loads the base on a first import/export
     for component in components:
         if component == "trainer":
             from services.trainer.jobs import TrainingJobs

@@ -7,7 +7,7 @@ import grpc
 import pytest
 from PIL import Image
 
-from customdiff.client import Client
+from customdiff_client import Client
 from customdiffusion.v1 import concept_service_pb2 as cpb
 from customdiffusion.v1 import inference_service_pb2 as ipb
 from customdiffusion.v1 import merger_service_pb2 as mpb
@@ -69,7 +69,15 @@ def _every_rpc(client: Client, training_id: str, merge_id: str):
         (c.ListConcepts, cpb.ListConceptsRequest()),
         (c.GetConcept, cpb.GetConceptRequest(concept=CAT)),
         (c.DeleteConcept, cpb.DeleteConceptRequest(concept=CAT)),
+        (lambda r, **kw: t.UploadImages(iter([r]), **kw), tpb.UploadImagesRequest(data=b"x", end_of_image=True)),
+        (lambda r, **kw: c.ImportConcept(iter([r]), **kw),
+         cpb.ImportConceptRequest(header=cpb.ImportConceptHeader(concept_name="cat"))),
+        (lambda r, **kw: list(c.ExportConcept(r, **kw)), cpb.ExportConceptRequest(concept=CAT)),
     ]
+    # Every RPC of the API is here: a new one must be added (and so checked) too.
+    assert len(calls) == sum(len(f.services_by_name[s].methods) for f, s in (
+        (tpb.DESCRIPTOR, "TrainerService"), (mpb.DESCRIPTOR, "MergerService"),
+        (ipb.DESCRIPTOR, "InferenceService"), (cpb.DESCRIPTOR, "ConceptService")))
     return calls
 
 
@@ -92,8 +100,9 @@ def test_tenant_b_sees_nothing_of_tenant_a(env):
     assert b.concepts() == []
     not_found = [call for call in _every_rpc(b, training_id, merge_id)
                  if not isinstance(call[1], (tpb.CreateTrainingJobRequest, tpb.ListTrainingJobsRequest,
-                                             mpb.ListMergerJobsRequest, cpb.ListConceptsRequest))]
-    for method, request in not_found:  # get, cancel, watch, use in merge/compress/generate, delete
+                                             mpb.ListMergerJobsRequest, cpb.ListConceptsRequest,
+                                             tpb.UploadImagesRequest, cpb.ImportConceptRequest))]
+    for method, request in not_found:  # get, cancel, watch, use in merge/compress/generate, delete, export
         with pytest.raises(grpc.RpcError) as e:
             method(request, metadata=b.metadata, timeout=10)
         assert e.value.code() == grpc.StatusCode.NOT_FOUND, (type(request).__name__, e.value.details())

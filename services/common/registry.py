@@ -115,6 +115,14 @@ class Registry:
             raise NotFound(f"concept #{concept_id} not found")
         return row
 
+    def concept_by_request_id(self, tenant: str, name: str, request_id: str) -> ConceptRow | None:
+        """The version of the tenant's concept `name` registered with this `provenance.request_id` (an import's
+        idempotency key), if any. A name has few versions: they are filtered here, not in SQL's JSON dialects."""
+        with self._session() as s:
+            rows = s.scalars(select(ConceptRow).where(ConceptRow.tenant == tenant, ConceptRow.name == name)
+                             .order_by(ConceptRow.version))
+            return next((r for r in rows if (r.provenance or {}).get("request_id") == request_id), None)
+
     def list_concepts(self, tenant: str, name: str = "", offset: int = 0, limit: int = 50) -> list[ConceptRow]:
         with self._session() as s:
             query = select(ConceptRow).where(ConceptRow.tenant == tenant)
@@ -162,6 +170,13 @@ class Registry:
                 return True
             return s.scalar(select(ConceptRow.id).where(ConceptRow.tenant == tenant, ConceptRow.digest == digest)
                             .limit(1)) is not None
+
+    def references_blob(self, digest: str) -> bool:
+        """Whether any tenant owns this blob or has a concept whose artifact it is: it must stay in the store."""
+        with self._session() as s:
+            if s.scalar(select(BlobOwnerRow.tenant).where(BlobOwnerRow.digest == digest).limit(1)) is not None:
+                return True
+            return s.scalar(select(ConceptRow.id).where(ConceptRow.digest == digest).limit(1)) is not None
 
     def stored_bytes(self, tenant: str) -> int:
         """Bytes of every distinct blob the tenant owns: training images and concept artifacts."""

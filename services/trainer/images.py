@@ -9,16 +9,39 @@ from __future__ import annotations
 
 import io
 import warnings
+from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
 from concepts.errors import InvalidArgument
 
 FORMATS = ("PNG", "JPEG")
+MIME_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg"}
 
 
-def check_image_header(data: bytes, field: str, max_pixels: int) -> str:
-    """The image's format ("PNG" or "JPEG") from its header, or `InvalidArgument(field)` saying what is wrong.
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image's header declares: its format ("PNG" or "JPEG") and size in pixels."""
+
+    format: str
+    width: int
+    height: int
+
+    @property
+    def mime_type(self) -> str:
+        return MIME_TYPES[self.format]
+
+
+def check_image_size(size: int, field: str, max_bytes: int, partial: bool = False) -> None:
+    """`InvalidArgument(field)` when an image of `size` bytes exceeds `max_bytes`; `partial`: `size` is what
+    arrived so far of an image still streaming in, so it is refused before the rest is received."""
+    if size > max_bytes:
+        raise InvalidArgument(field, f"image of {'at least ' if partial else ''}{size} bytes exceeds the limit "
+                                     f"of {max_bytes} bytes")
+
+
+def check_image_header(data: bytes, field: str, max_pixels: int) -> ImageHeader:
+    """The image's header (format, width, height), or `InvalidArgument(field)` saying what is wrong.
 
     Raises:
         InvalidArgument: not a PNG or JPEG, or more than `max_pixels` pixels (width x height).
@@ -36,5 +59,5 @@ def check_image_header(data: bytes, field: str, max_pixels: int) -> str:
     if width * height > max_pixels:
         raise InvalidArgument(field, f"the image is {width}x{height} = {width * height} pixels; "
                                      f"the limit is {max_pixels} pixels")
-    return fmt
+    return ImageHeader(fmt, width, height)
 

@@ -21,8 +21,9 @@ from services.common.quotas import TenantQuotas
 from services.common.registry import Registry
 from services.common.server import Service
 from services.common.settings import TrainerSettings
-from services.trainer.images import check_image_header
+from services.trainer.images import check_image_header, check_image_size
 from services.trainer.jobs import KIND, ImageBlob, TrainingJobs, TrainingRequest
+from services.trainer.uploads import ImageUploads
 
 TRAIN_MODES = {pb.TRAIN_MODE_CROSSATTN_KV: "crossattn_kv", pb.TRAIN_MODE_CROSSATTN: "crossattn"}
 PRECISIONS = {pb.MIXED_PRECISION_NO: "no", pb.MIXED_PRECISION_FP16: "fp16", pb.MIXED_PRECISION_BF16: "bf16"}
@@ -43,6 +44,7 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
         self.store = store
         self.jobs = jobs
         self.quotas = quotas
+        self.uploads = ImageUploads(settings, registry, store, quotas)
 
     def CreateTrainingJob(self, request: pb.CreateTrainingJobRequest, context) -> pb.CreateTrainingJobResponse:
         row, _ = self.jobs.create(current_tenant(), self._to_domain(request))
@@ -67,6 +69,13 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
     def WatchTrainingJob(self, request: pb.WatchTrainingJobRequest, context):
         for row, line in watch_job(self.registry, _job_id(request.name), current_tenant(), KIND, context):
             yield pb.WatchTrainingJobResponse(training_job=self._job(row), log_line=line)
+
+    def UploadImages(self, request_iterator, context) -> pb.UploadImagesResponse:
+        chunks = ((message.data, message.end_of_image) for message in request_iterator)
+        return pb.UploadImagesResponse(images=[
+            pb.UploadedImage(uri=f"sha256:{image.digest}", size_bytes=image.size_bytes, width=image.header.width,
+                             height=image.header.height, mime_type=image.header.mime_type)
+            for image in self.uploads.upload(current_tenant(), chunks)])
 
     def _job(self, row) -> pb.TrainingJob:
         job = pb.TrainingJob(
@@ -149,9 +158,7 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
         if len(image.caption) > MAX_TEXT:
             raise InvalidArgument(f"{field}.caption", f"at most {MAX_TEXT} characters, got {len(image.caption)}")
         data = self._blob(tenant, image.uri, f"{field}.uri") if which == "uri" else image.data
-        if len(data) > self.settings.max_image_bytes:
-            raise InvalidArgument(field, f"image of {len(data)} bytes exceeds the limit of "
-                                         f"{self.settings.max_image_bytes} bytes")
+        check_image_size(len(data), field, self.settings.max_image_bytes)
         check_image_header(data, field, self.settings.max_image_pixels)
         return ImageBlob(data, field, image.caption)
 
