@@ -31,7 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from concepts.base import load_base
 from concepts.store import ArtifactStore
 from concepts.tiny import create_tiny_base
-from customdiff.client import Client
+from customdiff_client import Client
 from customdiff.local import start_serve
 from customdiffusion.v1 import trainer_service_pb2 as tpb
 from services.common.registry import Registry

@@ -321,7 +321,7 @@ def telemetry_overhead(tmp: Path, base_dir: Path, store: ArtifactStore, base: Ba
     import grpc
     from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-    from customdiff.client import Client
+    from customdiff_client import Client
     from customdiff.local import free_port, start_serve
     from services.common.registry import Registry
 

@@ -14,7 +14,7 @@ from diffusers import StableDiffusionPipeline
 from concepts.apply import add_tokens, apply_concepts
 from concepts.base import load_base
 from customdiff.__main__ import main
-from customdiff.client import Client, concept_ref
+from customdiff_client import Client, concept_ref
 from engine.engine import Engine
 from engine.schedulers import make_scheduler
 from engine.kv import compute_kv

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from PIL import Image
 
-from customdiff.client import Client
+from customdiff_client import Client
 from customdiff.commands.demo import inputs, photos
 from customdiff.local import start_serve
 from customdiffusion.v1 import resources_pb2

@@ -20,7 +20,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client.parser import text_string_to_metric_families
 
 from concepts.errors import InvalidArgument
-from customdiff.client import Client
+from customdiff_client import Client
 from customdiff.local import free_port, start_serve
 from customdiffusion.v1 import inference_service_pb2 as ipb
 from customdiffusion.v1 import resources_pb2

@@ -13,7 +13,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from PIL import Image
 
-from customdiff.client import Client
+from customdiff_client import Client
 from customdiffusion.v1 import inference_service_pb2 as ipb
 from customdiffusion.v1 import merger_service_pb2 as mpb
 from customdiffusion.v1 import resources_pb2

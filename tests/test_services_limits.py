@@ -15,7 +15,7 @@ from grpc_status import rpc_status
 from PIL import Image
 
 from concepts.store import ArtifactStore
-from customdiff.client import Client
+from customdiff_client import Client
 from customdiffusion.v1 import merger_service_pb2 as mpb
 from customdiffusion.v1 import resources_pb2
 from customdiffusion.v1 import trainer_service_pb2 as tpb

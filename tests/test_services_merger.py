@@ -3,7 +3,7 @@
 import pytest
 
 from concepts.store import ArtifactStore
-from customdiff.client import Client, JobFailed
+from customdiff_client import Client, JobFailed
 from customdiffusion.v1 import merger_service_pb2 as mpb
 from customdiffusion.v1 import resources_pb2
 from services.app import start_stack

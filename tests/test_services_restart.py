@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from customdiff.client import Client
+from customdiff_client import Client
 from customdiffusion.v1 import resources_pb2
 from customdiffusion.v1 import trainer_service_pb2 as tpb
 from services.app import start_stack

@@ -67,7 +67,7 @@ def training_request(steps: int, checkpointing_steps: int, request_id: str, num_
 
 def trainer_client(stack, api_key: str = "key-a"):
     """A Client of a started stack's trainer server (its ConceptService answers too)."""
-    from customdiff.client import Client
+    from customdiff_client import Client
 
     target = f"127.0.0.1:{stack.ports['trainer']}"
     return Client(target, target, target, api_key=api_key)

@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from customdiff.client import Client
+    from customdiff_client import Client
     from customdiff.local import start_serve
     from customdiffusion.v1 import trainer_service_pb2 as tpb
 
