@@ -28,6 +28,7 @@ from torch import nn
 
 from concepts.base import load_base
 from concepts.errors import InvalidArgument
+from concepts.progress import StageBar
 from engine.kv import install_kv_processors, precomputed_kv
 from engine.onnx_unet import (
     GRAPH_FILE,
@@ -93,11 +94,13 @@ class _VaeDecoder(nn.Module):
         return self.vae.decode(latent_sample, return_dict=False)[0]
 
 
-def export_onnx(base_dir: str | Path, out_dir: str | Path, opset: int = OPSET) -> dict[str, Any]:
+def export_onnx(base_dir: str | Path, out_dir: str | Path, opset: int = OPSET, progress: bool = False,
+                ) -> dict[str, Any]:
     """Write ``<out_dir>/{unet,text_encoder,vae_decoder}/1/model.onnx`` (plus weights) for the base.
 
     `out_dir` may be a copy of ``deploy/triton/model_repository_onnx``: the files land in its version
-    directories. Existing graphs there are replaced.
+    directories. Existing graphs there are replaced. `progress` shows a bar over the stages (loading,
+    then each graph's trace and check) on a terminal (`concepts.progress`).
 
     Returns:
         what `graph_io` reads back from each written file, by model name, plus ``opset``,
@@ -105,29 +108,34 @@ def export_onnx(base_dir: str | Path, out_dir: str | Path, opset: int = OPSET) -
     """
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise InvalidArgument("opset", f"must be within [{MIN_OPSET}, {MAX_OPSET}], got {opset}")
-    base = load_base(base_dir)
-    out = Path(out_dir)
-    layout = kv_layout(install_kv_processors(base.unet))
-    tokens, hidden = base.tokenizer.model_max_length, base.text_encoder.config.hidden_size
-    width = sum(layer.width for layer in layout)
-    # An odd latent size makes the trace take diffusers' explicit-upsample-size path, so the graph
-    # serves any latent size (an even one would bake in "double the size" at every upsampler).
-    size = base.unet.config.sample_size + 1
-    unet_args = (torch.randn(2, base.unet.config.in_channels, size, size), torch.tensor([[981.0], [981.0]]),
-                 torch.randn(2, tokens, width), torch.randn(2, tokens, width))
-    latent = {0: "batch", 2: "height", 3: "width"}
-    _export(_KVInputUNet(base.unet, layout), unet_args, out / UNET / "1" / GRAPH_FILE, opset,
-            {"sample": latent, "timestep": {0: "batch"}, "k": {0: "batch", 1: "tokens", 2: "kv_width"},
-             "v": {0: "batch", 1: "tokens", 2: "kv_width"}}, {OUTPUTS[UNET]: latent},
-            {META_FINGERPRINT: base.fingerprint, META_LAYOUT: layout_to_json(layout)})
-    _export(_EmbedsTextEncoder(base.text_encoder), (torch.randn(2, tokens, hidden),),
-            out / TEXT_ENCODER / "1" / GRAPH_FILE, opset, {"inputs_embeds": {0: "batch", 2: "hidden"}},
-            {OUTPUTS[TEXT_ENCODER]: {0: "batch", 2: "hidden"}}, {META_FINGERPRINT: base.fingerprint})
-    latents = torch.randn(2, base.vae.config.latent_channels, size, size)
-    _export(_VaeDecoder(base.vae), (latents,), out / VAE_DECODER / "1" / GRAPH_FILE, opset,
-            {"latent_sample": latent},
-            {OUTPUTS[VAE_DECODER]: {0: "batch", 2: "image_height", 3: "image_width"}},
-            {META_FINGERPRINT: base.fingerprint})
+    with StageBar("export-onnx", ("loading base", UNET, TEXT_ENCODER, VAE_DECODER), enabled=progress) as stages:
+        base = load_base(base_dir)
+        stages.next()
+        out = Path(out_dir)
+        layout = kv_layout(install_kv_processors(base.unet))
+        tokens, hidden = base.tokenizer.model_max_length, base.text_encoder.config.hidden_size
+        width = sum(layer.width for layer in layout)
+        # An odd latent size makes the trace take diffusers' explicit-upsample-size path, so the graph
+        # serves any latent size (an even one would bake in "double the size" at every upsampler).
+        size = base.unet.config.sample_size + 1
+        unet_args = (torch.randn(2, base.unet.config.in_channels, size, size), torch.tensor([[981.0], [981.0]]),
+                     torch.randn(2, tokens, width), torch.randn(2, tokens, width))
+        latent = {0: "batch", 2: "height", 3: "width"}
+        _export(_KVInputUNet(base.unet, layout), unet_args, out / UNET / "1" / GRAPH_FILE, opset,
+                {"sample": latent, "timestep": {0: "batch"}, "k": {0: "batch", 1: "tokens", 2: "kv_width"},
+                 "v": {0: "batch", 1: "tokens", 2: "kv_width"}}, {OUTPUTS[UNET]: latent},
+                {META_FINGERPRINT: base.fingerprint, META_LAYOUT: layout_to_json(layout)})
+        stages.next()
+        _export(_EmbedsTextEncoder(base.text_encoder), (torch.randn(2, tokens, hidden),),
+                out / TEXT_ENCODER / "1" / GRAPH_FILE, opset, {"inputs_embeds": {0: "batch", 2: "hidden"}},
+                {OUTPUTS[TEXT_ENCODER]: {0: "batch", 2: "hidden"}}, {META_FINGERPRINT: base.fingerprint})
+        stages.next()
+        latents = torch.randn(2, base.vae.config.latent_channels, size, size)
+        _export(_VaeDecoder(base.vae), (latents,), out / VAE_DECODER / "1" / GRAPH_FILE, opset,
+                {"latent_sample": latent},
+                {OUTPUTS[VAE_DECODER]: {0: "batch", 2: "image_height", 3: "image_width"}},
+                {META_FINGERPRINT: base.fingerprint})
+        stages.next()
     summary: dict[str, Any] = {name: graph_io(out / name / "1" / GRAPH_FILE)
                                for name in (UNET, TEXT_ENCODER, VAE_DECODER)}
     summary.update(opset=opset, base_fingerprint=base.fingerprint,

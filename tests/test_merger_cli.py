@@ -67,3 +67,21 @@ def test_merge_of_an_unknown_digest_fails_cleanly(tiny_base_dir, store_with_two,
     store, (a, _) = store_with_two
     assert main(["merge", a, "0" * 64, "--base", str(tiny_base_dir), "--store", store.url]) == 2
     assert "no blob sha256:" in capsys.readouterr().err
+
+
+def test_merge_and_compress_show_stage_bars_on_stderr_only(tiny_base_dir, store_with_two, tmp_path, capsys,
+                                                           monkeypatch):
+    store, (a, b) = store_with_two
+    assert main(["merge", a, b, "--base", str(tiny_base_dir), "--store", store.url, "--out", str(tmp_path),
+                 "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert "merge:" not in err  # stderr is no terminal here: no bar
+    monkeypatch.setenv("CUSTOMDIFF_PROGRESS", "1")
+    assert main(["merge", a, b, "--base", str(tiny_base_dir), "--store", store.url, "--out", str(tmp_path),
+                 "--json"]) == 0
+    forced_out, err = capsys.readouterr()
+    assert forced_out == out  # stdout stays the report alone
+    assert "merge: 100%" in err and "3/3" in err and "loading base" in err
+    assert main(["compress", a, "--store", store.url, "--out", str(tmp_path), "--rank", "1",
+                 "--base", str(tiny_base_dir)]) == 0
+    assert "compress: 100%" in capsys.readouterr().err

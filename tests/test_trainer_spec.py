@@ -37,7 +37,8 @@ def test_defaults_follow_the_reference_and_round_trip(tiny_base_dir, tmp_path, i
     assert spec.concepts[1].instance_caption() == "photo of a <new2> cat"
     assert spec.concepts[1].num_class_images == 200
     assert (hp.max_train_steps, hp.learning_rate, hp.scale_lr, hp.weight_decay, hp.max_grad_norm) == (500, 1e-5, True, 1e-2, 1.0)
-    assert (hp.with_prior_preservation, hp.prior_loss_weight, hp.train_mode, hp.resolution) == (True, 1.0, "crossattn_kv", 512)
+    # resolution None: the base's own size, resolved when the base is loaded
+    assert (hp.with_prior_preservation, hp.prior_loss_weight, hp.train_mode, hp.resolution) == (True, 1.0, "crossattn_kv", None)
     assert spec.concept_name == "stripes+checks"
     assert JobSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
     one = JobSpec.from_dict({**d, "concepts": d["concepts"][:1]})

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from concepts.base import BaseModel
+from concepts.progress import progress_bar
 from trainer.distributed import DistContext
 from trainer.progress import ProgressLog
 from trainer.spec import ConceptSpec, JobSpec
@@ -35,8 +36,12 @@ def cache_dir(root: str | Path, fingerprint: str, prompt: str, resolution: int, 
 
 
 def generate_class_images(base: BaseModel, prompt: str, count: int, directory: Path, steps: int, resolution: int,
-                          ctx: DistContext) -> list[Path]:
+                          ctx: DistContext, progress: bool = False) -> list[Path]:
     """Make sure ``directory`` holds images 0..count-1 of `prompt`; ranks split the missing ones.
+
+    Args:
+        progress: show a bar (rank 0, on a terminal: `concepts.progress`) that advances per saved image;
+            with several ranks it counts rank 0's share.
 
     Returns:
         The `count` image paths (every rank returns once all of them exist).
@@ -55,24 +60,32 @@ def generate_class_images(base: BaseModel, prompt: str, count: int, directory: P
         pipe.set_progress_bar_config(disable=True)
         on_gpu = ctx.device.type == "cuda"
         half = torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float16
-        for start in range(0, len(mine), GENERATION_BATCH):
-            chunk = mine[start:start + GENERATION_BATCH]
-            # CPU generators: the same image for index i on any device count.
-            generators = [torch.Generator().manual_seed(i) for i in chunk]
-            with torch.autocast("cuda", dtype=half, enabled=on_gpu):
-                images = pipe([prompt] * len(chunk), num_inference_steps=steps, guidance_scale=GUIDANCE_SCALE,
-                              height=resolution, width=resolution, generator=generators).images
-            for i, image in zip(chunk, images):
-                tmp = paths[i].with_name(f".{paths[i].name}.{os.getpid()}.tmp")
-                image.save(tmp, format="PNG")
-                os.replace(tmp, paths[i])
+        share = " (rank 0's share)" if ctx.distributed else ""
+        with progress_bar(total=len(mine), desc=f"class images of {prompt!r}{share}", unit="image",
+                          enabled=progress, rank=ctx.rank) as bar:
+            for start in range(0, len(mine), GENERATION_BATCH):
+                chunk = mine[start:start + GENERATION_BATCH]
+                # CPU generators: the same image for index i on any device count.
+                generators = [torch.Generator().manual_seed(i) for i in chunk]
+                with torch.autocast("cuda", dtype=half, enabled=on_gpu):
+                    images = pipe([prompt] * len(chunk), num_inference_steps=steps, guidance_scale=GUIDANCE_SCALE,
+                                  height=resolution, width=resolution, generator=generators).images
+                for i, image in zip(chunk, images):
+                    tmp = paths[i].with_name(f".{paths[i].name}.{os.getpid()}.tmp")
+                    image.save(tmp, format="PNG")
+                    os.replace(tmp, paths[i])
+                    bar.update(1)
     ctx.barrier()
     return paths
 
 
 def class_images_for(spec: JobSpec, concept: ConceptSpec, base: BaseModel, ctx: DistContext,
-                     progress: ProgressLog) -> list[tuple[Path, str]]:
-    """The (path, caption) regularization pairs of one concept: the given ones, else generated ones."""
+                     progress: ProgressLog, bar: bool = False) -> list[tuple[Path, str]]:
+    """The (path, caption) regularization pairs of one concept: the given ones, else generated ones.
+
+    Args:
+        bar: show a progress bar while generating (`generate_class_images`'s `progress`).
+    """
     hp = spec.hyperparameters
     if concept.class_images:
         return [(Path(c.path), c.caption) for c in concept.class_images[:concept.num_class_images]]
@@ -83,5 +96,5 @@ def class_images_for(spec: JobSpec, concept: ConceptSpec, base: BaseModel, ctx: 
         progress.state("generating class images", f"{missing} of {concept.num_class_images} images of "
                        f"{concept.class_prompt!r} into {directory}")
     paths = generate_class_images(base, concept.class_prompt, concept.num_class_images, directory,
-                                  hp.class_image_steps, hp.resolution, ctx)
+                                  hp.class_image_steps, hp.resolution, ctx, progress=bar)
     return [(p, concept.class_prompt) for p in paths]

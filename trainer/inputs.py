@@ -6,6 +6,7 @@ services do) pulls in neither PIL nor transformers.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -41,6 +42,38 @@ def check_base(path: str) -> Path:
         raise InvalidArgument("base_model", f"{base} holds a {pipeline!r}; only {list(SUPPORTED_PIPELINES)} "
                               "bases (Stable Diffusion 1.x/2.x) are supported")
     return base
+
+
+def native_resolution(base_dir: Path) -> int:
+    """The base's own image size: UNet ``sample_size`` x the VAE's scale factor, as diffusers pipelines
+    default height and width (2 ** (len(vae ``block_out_channels``) - 1); 512 for SD 1.x).
+
+    Read from the components' ``config.json``, so it costs no weights.
+    """
+    try:
+        unet = json.loads((base_dir / "unet" / "config.json").read_text())
+        vae = json.loads((base_dir / "vae" / "config.json").read_text())
+        sample_size, blocks = unet["sample_size"], vae["block_out_channels"]
+        if isinstance(sample_size, (list, tuple)):  # diffusers allows (height, width); training is square
+            sample_size = min(sample_size)
+        return int(sample_size) * 2 ** (len(blocks) - 1)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InvalidArgument("base_model", f"{base_dir}: cannot read the UNet's sample_size and the VAE's "
+                              f"block_out_channels from their config.json ({e})") from None
+
+
+def resolve_resolution(spec: JobSpec, base_dir: Path) -> JobSpec:
+    """`spec` with an unset ``hyperparameters.resolution`` set to the base's `native_resolution`."""
+    hp = spec.hyperparameters
+    if hp.resolution is not None:
+        return spec
+    size = native_resolution(base_dir)
+    try:
+        hp = dataclasses.replace(hp, resolution=size)
+    except InvalidArgument as e:
+        raise InvalidArgument("hyperparameters.resolution", f"is unset and the base's own size {size} px does "
+                              f"not fit ({e.description}); set it") from None
+    return dataclasses.replace(spec, hyperparameters=hp)
 
 
 def check_image(field: str, path: str, min_side: int) -> None:
@@ -84,11 +117,12 @@ def check_tokens(spec: JobSpec, tokenizer) -> None:
                                       f"must not contain modifier tokens, got {image.caption!r}")
 
 
-def check_files(spec: JobSpec) -> None:
+def check_files(spec: JobSpec) -> JobSpec:
     """See `trainer.spec.check_inputs`."""
     from concepts.store import ArtifactStore
 
     base = check_base(spec.base_model)
+    spec = resolve_resolution(spec, base)
     check_tokens(spec, load_tokenizer(base))
     min_side = spec.hyperparameters.resolution // 2
     for i, concept in enumerate(spec.concepts):
@@ -104,3 +138,4 @@ def check_files(spec: JobSpec) -> None:
         spec.work_path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise InvalidArgument("work_dir", f"cannot create {spec.work_dir}: {e}") from None
+    return spec

@@ -151,17 +151,20 @@ def _store_concept(spec: JobSpec, base: BaseModel, state: TrainState, originals:
     return concept, ArtifactStore(spec.store_url).put(data), len(data)
 
 
-def run_job(spec: JobSpec, echo: bool = False, listener: Callable[[dict], None] | None = None) -> JobResult:
+def run_job(spec: JobSpec, echo: bool = False, listener: Callable[[dict], None] | None = None,
+            bars: bool = False) -> JobResult:
     """Run the job; rank 0 stores the artifact and writes ``result.json``. See docs/job-spec.md.
 
     Args:
         echo: also print each progress line on stdout (rank 0), as `python -m trainer` does.
         listener: called with each event on rank 0 (the CLI's progress bar).
+        bars: show tqdm bars for the phases without step events (class-image generation);
+            rank 0 only, on a terminal only (`concepts.progress`).
 
     Raises:
         InvalidArgument: bad inputs, before any compute.
     """
-    check_inputs(spec)
+    spec = check_inputs(spec)  # fills in what depends on the base (the default resolution)
     ctx = init_distributed(spec.device)
     progress = ProgressLog(spec.work_dir, enabled=ctx.is_main, echo=echo, listener=listener)
     previous = read_result(spec.work_dir)
@@ -173,7 +176,7 @@ def run_job(spec: JobSpec, echo: bool = False, listener: Callable[[dict], None] 
     progress.state("loading base model", spec.base_model)
     base = load_base(spec.base_model, device=str(ctx.device))
     hp = spec.hyperparameters
-    class_lists = ([class_images_for(spec, c, base, ctx, progress) for c in spec.concepts]
+    class_lists = ([class_images_for(spec, c, base, ctx, progress, bar=bars) for c in spec.concepts]
                    if hp.with_prior_preservation else [])
     state, token_rows, originals = build_state(spec, base, class_lists, ctx, progress)
     step = _train(spec, state, job_key(spec, base.fingerprint, ctx.world_size), progress)

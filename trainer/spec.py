@@ -1,8 +1,9 @@
 """The training job spec (docs/job-spec.md): frozen dataclasses validated on construction.
 
 `JobSpec.from_dict` rejects unknown keys and fills position-dependent defaults (modifier token,
-initializer word, step count), so `to_dict()` shows exactly what runs. `check_inputs` then checks
-everything on disk that could fail later (base, tokens, images, store) before any compute.
+initializer word, step count), so `to_dict()` shows what runs. `check_inputs` then checks
+everything on disk that could fail later (base, tokens, images, store) before any compute, and
+returns the spec with what depends on the base filled in (an unset resolution: the base's own size).
 """
 
 from __future__ import annotations
@@ -134,7 +135,11 @@ class ConceptSpec:
 
 @dataclass(frozen=True)
 class Hyperparameters:
-    """Training settings; the defaults are the reference's (docs/job-spec.md)."""
+    """Training settings; the defaults are the reference's (docs/job-spec.md).
+
+    `resolution` None means the base's own size (`trainer.inputs.native_resolution`), filled in by
+    `check_inputs` once the base is known, as diffusers pipelines default height and width.
+    """
 
     max_train_steps: int | None = None
     learning_rate: float = 1e-5
@@ -143,7 +148,7 @@ class Hyperparameters:
     gradient_accumulation_steps: int = 1
     with_prior_preservation: bool = True
     prior_loss_weight: float = 1.0
-    resolution: int = 512
+    resolution: int | None = None
     train_mode: str = "crossattn_kv"
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
@@ -167,9 +172,10 @@ class Hyperparameters:
             _check_bool(name, getattr(self, name))
         _check_int("train_batch_size", self.train_batch_size, 1, 256)
         _check_int("gradient_accumulation_steps", self.gradient_accumulation_steps, 1, 256)
-        _check_int("resolution", self.resolution, 64, 2048)
-        if self.resolution % 64:
-            raise InvalidArgument("resolution", f"must be a multiple of 64, got {self.resolution}")
+        if self.resolution is not None:
+            _check_int("resolution", self.resolution, 64, 2048)
+            if self.resolution % 64:
+                raise InvalidArgument("resolution", f"must be a multiple of 64, got {self.resolution}")
         _check_int("seed", self.seed, 0, 2**63 - 1)
         _check_int("checkpointing_steps", self.checkpointing_steps, 1)
         _check_int("views_per_image", self.views_per_image, 1, 1024)
@@ -277,13 +283,16 @@ def _check_unique(where: str, name: str, values: list[str]) -> None:
         seen[value] = i
 
 
-def check_inputs(spec: JobSpec) -> None:
+def check_inputs(spec: JobSpec) -> JobSpec:
     """Check everything that could fail after compute started; raise `InvalidArgument` naming the field.
 
     Checks the base directory and tokenizer, that each modifier token is new and each initializer
     word is a single token, that every prompt fits the tokenizer, that every image decodes and is
     at least half the training resolution on its shorter side, and that the store opens.
+
+    Returns:
+        `spec` with an unset resolution replaced by the base's own size (what runs).
     """
     from trainer.inputs import check_files
 
-    check_files(spec)
+    return check_files(spec)

@@ -31,5 +31,6 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    run(Path(args.out), Path(args.base) if args.base else BASE_DIR, QUICK if args.quick else EvalConfig())
+    run(Path(args.out), Path(args.base) if args.base else BASE_DIR, QUICK if args.quick else EvalConfig(),
+        progress=True)
     return 0

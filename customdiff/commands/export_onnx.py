@@ -22,6 +22,7 @@ def _run(args: argparse.Namespace) -> int:
     from concepts.base import check_base_dir
     from engine.onnx_export import OPSET, export_onnx
 
-    summary = export_onnx(check_base_dir(args.base_dir, "BASE_DIR"), args.out_dir, opset=args.opset or OPSET)
+    summary = export_onnx(check_base_dir(args.base_dir, "BASE_DIR"), args.out_dir, opset=args.opset or OPSET,
+                          progress=True)
     print(json.dumps(summary))
     return 0

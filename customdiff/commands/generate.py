@@ -50,8 +50,10 @@ class _Weight(argparse.Action):
 def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from concepts.progress import progress_bar
     from engine.engine import Engine
     from engine.request import GenerationRequest
+    from engine.telemetry import EngineObserver
 
     request = GenerationRequest(
         prompt=args.prompt, negative_prompt=args.negative_prompt,
@@ -60,11 +62,35 @@ def _run(args: argparse.Namespace) -> int:
         num_images=args.num_images, num_inference_steps=args.steps, guidance_scale=args.guidance,
         seed=args.seed, height=args.height, width=args.width, scheduler=args.scheduler,
     )
-    engine = Engine.from_paths(args.base, args.store, device=args.device)
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for i, png in enumerate(engine.generate_png(request)):
+
+    class StepBar(EngineObserver):
+        """Advances `bar` per UNet call: one per denoising step, since one request (<= 8 images) is one batch."""
+
+        bar = None
+
+        def batch(self, images: int, concepts: int) -> None:
+            if self.bar is not None:
+                self.bar.update(1)
+
+    steps = StepBar()
+    engine = Engine.from_paths(args.base, args.store, device=args.device, observer=steps)
+    steps.bar = progress_bar(total=_denoising_steps(engine, request), desc="generate", unit="step")
+    with steps.bar:
+        pngs = engine.generate_png(request)
+    for i, png in enumerate(pngs):
         path = out / f"image-{i}-seed{request.seed + i}.png"
         path.write_bytes(png)
         print(path)
     return 0
+
+
+def _denoising_steps(engine, request) -> int:
+    """UNet calls the request makes: its scheduler's timesteps (PNDM, SD 1.x's default, adds one)."""
+    from engine.schedulers import make_scheduler
+
+    scheduler = make_scheduler(engine.base.scheduler, request.scheduler)
+    scheduler.set_timesteps(request.num_inference_steps)
+    return len(scheduler.timesteps)

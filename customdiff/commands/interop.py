@@ -69,9 +69,15 @@ def _export(args: argparse.Namespace) -> int:
 def _import(args: argparse.Namespace) -> int:
     from concepts.base import load_base
     from concepts.interop import import_concept
+    from concepts.progress import StageBar
     from concepts.store import ArtifactStore
 
-    concept = import_concept(args.path, load_base(args.base), args.format, args.tokens, args.class_words)
-    digest = ArtifactStore(args.store).put_concept(concept)
+    with StageBar("import", ("loading base", "converting", "storing")) as stages:
+        base = load_base(args.base)
+        stages.next()
+        concept = import_concept(args.path, base, args.format, args.tokens, args.class_words)
+        stages.next()
+        digest = ArtifactStore(args.store).put_concept(concept)
+        stages.next()
     print(json.dumps({"digest": digest, "tokens": list(concept.tokens), "layers": len(concept.deltas)}))
     return 0

@@ -48,14 +48,20 @@ def _merge(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from concepts.base import load_base
+    from concepts.progress import StageBar
     from concepts.store import ArtifactStore
     from merger.run import load_concept, merge_concepts
 
     store = ArtifactStore(args.store)
-    concepts = [load_concept(ref, store) for ref in args.concepts]
     captions = Path(args.captions).read_text(encoding="utf-8").splitlines() if args.captions else None
-    concept, report = merge_concepts(load_base(args.base), concepts, captions=captions, ridge=args.ridge,
-                                     context_captions=args.context_captions)
+    with StageBar("merge", ("loading concepts", "loading base", "merging")) as stages:
+        concepts = [load_concept(ref, store) for ref in args.concepts]
+        stages.next()
+        base = load_base(args.base)
+        stages.next()
+        concept, report = merge_concepts(base, concepts, captions=captions, ridge=args.ridge,
+                                         context_captions=args.context_captions)
+        stages.next()
     _print_result(args, concept, report, columns=("residual", "drift", "naive_residual", "naive_drift"))
     return 0
 
@@ -64,14 +70,20 @@ def _compress(args: argparse.Namespace) -> int:
     from concepts.apply import check_base
     from concepts.base import load_base
     from concepts.store import ArtifactStore
+    from concepts.progress import StageBar
     from merger.compress import FACTOR_DTYPES
     from merger.run import compress_concept, load_concept
 
-    concept = load_concept(args.concept, ArtifactStore(args.store))
-    if args.base is not None:
-        check_base(concept, load_base(args.base).fingerprint, what=f"concept {args.concept}")
-    concept, report = compress_concept(concept, rank=args.rank, fraction=args.fraction, energy=args.energy,
-                                       dtype=FACTOR_DTYPES[args.dtype])
+    names = ("loading concept",) + (("checking base",) if args.base is not None else ()) + ("compressing",)
+    with StageBar("compress", names) as stages:
+        concept = load_concept(args.concept, ArtifactStore(args.store))
+        stages.next()
+        if args.base is not None:
+            check_base(concept, load_base(args.base).fingerprint, what=f"concept {args.concept}")
+            stages.next()
+        concept, report = compress_concept(concept, rank=args.rank, fraction=args.fraction, energy=args.energy,
+                                           dtype=FACTOR_DTYPES[args.dtype])
+        stages.next()
     _print_result(args, concept, report, columns=("rank", "relative_error"))
     return 0
 

@@ -31,7 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, help="optimizer steps (default 250 per concept)")
     p.add_argument("--lr", type=float, default=1e-5, help="base learning rate before scaling (1e-5)")
     p.add_argument("--batch-size", type=int, default=2, help="target images per step and process (2)")
-    p.add_argument("--resolution", type=int, default=512, help="training resolution in pixels (512)")
+    p.add_argument("--resolution", type=int, help="training resolution in pixels, a multiple of 64 (default: the "
+                   "base's own size, e.g. 512 for SD 1.x, 768 for SD 2.x)")
     p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
     p.add_argument("--train-mode", choices=("crossattn_kv", "crossattn"), default="crossattn_kv")
     p.add_argument("--seed", type=int, default=42)
@@ -87,13 +88,14 @@ def _concepts(args: argparse.Namespace) -> list[dict]:
 def _spec(args: argparse.Namespace):
     from trainer.spec import JobSpec
 
-    hp = {"learning_rate": args.lr, "train_batch_size": args.batch_size, "resolution": args.resolution,
+    hp = {"learning_rate": args.lr, "train_batch_size": args.batch_size,
           "mixed_precision": args.mixed_precision, "train_mode": args.train_mode, "seed": args.seed,
           "gradient_checkpointing": args.gradient_checkpointing, "augment": not args.no_augment,
           "with_prior_preservation": not args.no_prior_preservation, "class_image_steps": args.class_image_steps,
           "checkpointing_steps": args.checkpointing_steps}
-    if args.steps is not None:
-        hp["max_train_steps"] = args.steps
+    for key, value in (("max_train_steps", args.steps), ("resolution", args.resolution)):
+        if value is not None:  # unset: the spec's default (steps per concept; the base's own size)
+            hp[key] = value
     work_dir = args.work_dir or tempfile.mkdtemp(prefix="customdiff-train-")
     return JobSpec.from_dict({
         "base_model": args.base, "store_url": args.out, "work_dir": work_dir, "concepts": _concepts(args),
@@ -103,26 +105,34 @@ def _spec(args: argparse.Namespace):
 
 
 def _run(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
+    import logging
 
+    from concepts.progress import progress_bar
     from trainer.job import run_job
 
     spec = _spec(args)
-    is_main = int(os.environ.get("RANK", "0")) == 0
-    bar = tqdm(total=spec.hyperparameters.max_train_steps, desc="preparing", unit="step", disable=not is_main)
+    log = logging.getLogger("customdiff.train")
+    bar = None  # the step bar starts with training: the phases before it have no steps to count
 
     def on_event(event: dict) -> None:
+        nonlocal bar
         if event["event"] == "state":
-            bar.set_description(event["state"])
-        elif event["event"] == "progress":
+            if bar is not None:  # training ended (saving, stopped): the bar gives way to the log
+                bar.close()
+                bar = None
+            log.info("%s%s", event["state"], f": {event['message']}" if event.get("message") else "")
+            if event["state"] == "training":
+                bar = progress_bar(total=spec.hyperparameters.max_train_steps, desc="training", unit="step")
+        elif event["event"] == "progress" and bar is not None:
             bar.update(event["step"] - bar.n)
             bar.set_postfix(loss=f"{event['loss']:.4f}", lr=f"{event['lr']:.2e}")
 
     try:
-        result = run_job(spec, listener=on_event)
+        result = run_job(spec, listener=on_event, bars=True)
     finally:
-        bar.close()
-    if is_main:
+        if bar is not None:
+            bar.close()
+    if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({"digest": result.digest, "store": spec.store_url, "work_dir": spec.work_dir,
                           "tokens": [c.modifier_token for c in spec.concepts],
                           "class_words": [c.class_prompt for c in spec.concepts]}))

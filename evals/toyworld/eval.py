@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -70,13 +71,21 @@ class Job:
         return self.concept.prompt(self.size, self.background, word="" if self.variant == "base" else None)
 
 
-def train_variants(base_dir: Path, store, work: Path, hp: variants.Hyperparameters) -> tuple[dict, str, dict]:
-    """The trained artifacts: one single per concept (by token) and the joint one; seconds each took."""
+def train_variants(base_dir: Path, store, work: Path, hp: variants.Hyperparameters,
+                   trained: Callable[[], None] = lambda: None) -> tuple[dict, str, dict]:
+    """The trained artifacts: one single per concept (by token) and the joint one; seconds each took.
+
+    `trained` is called after each of the ``len(CONCEPTS) + 1`` trainings (a progress bar's step).
+    """
     t0 = time.perf_counter()
-    singles = {c.token: variants.train_concepts(base_dir, store.url, [c], work / f"single-{c.token.strip('<>')}", hp)
-               for c in CONCEPTS}
+    singles = {}
+    for c in CONCEPTS:
+        job_dir = work / f"single-{c.token.strip('<>')}"
+        singles[c.token] = variants.train_concepts(base_dir, store.url, [c], job_dir, hp)
+        trained()
     t1 = time.perf_counter()
     joint = variants.train_concepts(base_dir, store.url, list(CONCEPTS), work / "joint", hp)
+    trained()
     return singles, joint, {"train_single": t1 - t0, "train_joint": time.perf_counter() - t1}
 
 
@@ -175,9 +184,13 @@ def write_sheet(jobs: list[Job], images: np.ndarray, path: Path) -> Path:
     return path
 
 
-def run(out: Path, base_dir: Path, config: EvalConfig) -> dict:
-    """The whole evaluation; writes out/results.json and out/contact_sheet.png, returns the summary."""
+def run(out: Path, base_dir: Path, config: EvalConfig, progress: bool = False) -> dict:
+    """The whole evaluation; writes out/results.json and out/contact_sheet.png, returns the summary.
+
+    `progress` shows a bar over the stages on a terminal (`concepts.progress`).
+    """
     from concepts.base import load_base
+    from concepts.progress import StageBar
     from concepts.store import ArtifactStore
     from engine.engine import Engine
 
@@ -185,16 +198,23 @@ def run(out: Path, base_dir: Path, config: EvalConfig) -> dict:
     shutil.rmtree(out / "work", ignore_errors=True)  # a job directory left there would resume, not retrain
     t0 = time.perf_counter()
     store = ArtifactStore(str(out / "store"))
-    singles, joint, seconds = train_variants(base_dir, store, out / "work", config.hyperparameters)
-    base = load_base(base_dir)
-    t1 = time.perf_counter()
-    digests, sizes = derive_variants(base, store, singles, joint)
-    seconds["merge_compress"] = time.perf_counter() - t1
-    jobs = make_jobs(digests)
-    t1 = time.perf_counter()
-    images = sample(Engine(base, store, max_batch_images=64), jobs, config)
-    seconds["sample"] = time.perf_counter() - t1
-    table = score(jobs, images)
+    names = [f"training single {c.token}" for c in CONCEPTS] + ["training joint", "merging and compressing",
+                                                                  "sampling", "scoring"]
+    with StageBar("eval toyworld", names, enabled=progress) as stages:
+        hp = config.hyperparameters
+        singles, joint, seconds = train_variants(base_dir, store, out / "work", hp, trained=stages.next)
+        base = load_base(base_dir)
+        t1 = time.perf_counter()
+        digests, sizes = derive_variants(base, store, singles, joint)
+        seconds["merge_compress"] = time.perf_counter() - t1
+        stages.next()
+        jobs = make_jobs(digests)
+        t1 = time.perf_counter()
+        images = sample(Engine(base, store, max_batch_images=64), jobs, config)
+        seconds["sample"] = time.perf_counter() - t1
+        stages.next()
+        table = score(jobs, images)
+        stages.next()
     summary = summarize(table, sizes)
     seconds["total"] = time.perf_counter() - t0
     sheet = write_sheet(jobs, images, out / "contact_sheet.png")
