@@ -193,8 +193,8 @@ def front(tmp_path_factory, tiny_base_dir):
                         inference_port=0, base_model=str(tiny_base_dir), triton_url="127.0.0.1:1")
     sent: list[GenerationRequest] = []
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(servicer, "generate_via_triton",
-                      lambda url, model, request, timeout: sent.append(request) or [b"png"])
+        patch.setattr(servicer, "generate_on_replicas",
+                      lambda endpoints, model, request, timeout: sent.append(request) or [b"png"])
         stack = start_stack(settings, components=("inference",))
         registry = Registry(settings.database_url)
         registry.add_concept("tenant-a", "cat", "c" * 64, ["<new1>"], ["cat"], 1, "fp", {})

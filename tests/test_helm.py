@@ -847,3 +847,11 @@ def test_ingress_and_grpc_route_send_each_grpc_service_to_a_service_grpc_port():
                   r"ingress.annotations.nginx\.ingress\.kubernetes\.io/backend-protocol=GRPCS")
     [ingress] = find(docs, "Ingress")
     assert ingress["metadata"]["annotations"] == {"nginx.ingress.kubernetes.io/backend-protocol": "GRPCS"}
+
+
+def test_the_triton_service_is_headless_and_the_inference_config_names_it():
+    docs = render()
+    (service,) = [d for d in docs if d["kind"] == "Service" and d["metadata"]["name"].endswith("-triton")]
+    assert service["spec"]["clusterIP"] == "None"
+    config = yaml.safe_load(next(d for d in docs if d["kind"] == "ConfigMap")["data"]["config.yaml"])
+    assert config["triton_url"] == f"{service['metadata']['name']}:8001"

@@ -18,7 +18,8 @@ from services.common.quotas import TenantQuotas
 from services.common.registry import Registry
 from services.common.server import Service
 from services.common.settings import InferenceSettings
-from services.inference.triton_client import generate_via_triton
+from services.inference.triton_client import generate_on_replicas
+from services.inference.triton_endpoints import TritonEndpoints
 
 # The proto enum's values by their names: SCHEDULER_DDIM -> "ddim", SCHEDULER_UNSPECIFIED -> "" (the base's).
 SCHEDULERS = {value.number: "" if value.name == "SCHEDULER_UNSPECIFIED" else value.name.removeprefix("SCHEDULER_").lower()
@@ -33,6 +34,7 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
         self.settings = settings
         self.registry = registry
         self.quotas = quotas
+        self.triton = TritonEndpoints(settings.triton_url)
 
     def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
         # 1. Validate every field before any lookup (GenerationRequest names the field on error).
@@ -70,10 +72,10 @@ class InferenceServicer(inference_service_pb2_grpc.InferenceServiceServicer):
 
 
     def _triton(self, generation: GenerationRequest, timeout: float) -> list[bytes]:
-        """`generate_via_triton`, timed by outcome ("ok" or the error's reason) in customdiff_triton_request_seconds."""
+        """`generate_on_replicas`, timed by outcome ("ok" or the error's reason) in customdiff_triton_request_seconds."""
         started, outcome = time.perf_counter(), "ok"
         try:
-            return generate_via_triton(self.settings.triton_url, self.settings.triton_model, generation, timeout)
+            return generate_on_replicas(self.triton, self.settings.triton_model, generation, timeout)
         except CustomDiffError as e:
             outcome = e.reason
             if isinstance(e, DeadlineExceeded):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import time
 
 import numpy as np
 from opentelemetry import trace
@@ -17,6 +18,7 @@ from opentelemetry.trace import SpanKind
 from concepts.errors import CustomDiffError, DeadlineExceeded, Unavailable
 from engine.request import GenerationRequest
 from concepts.tracing import TRACEPARENT, current_traceparent
+from services.inference.triton_endpoints import TritonEndpoints
 from services.inference.triton_protocol import error_from_text
 
 log = logging.getLogger(__name__)
@@ -105,6 +107,30 @@ def _generate(url: str, model: str, request: GenerationRequest, timeout_s: float
     if error is not None:
         raise _domain_error(error, url, model) from error
     return [bytes(png) for png in result.as_numpy("IMAGES").reshape(-1)]
+
+
+def generate_on_replicas(endpoints: TritonEndpoints, model: str, request: GenerationRequest,
+                         timeout_s: float) -> list[bytes]:
+    """`generate_via_triton` on the replicas of `endpoints`, starting at the next one in turn; a replica
+    that is unavailable (down, restarting, killed mid-call) is marked and the call goes to the next,
+    within the same deadline (a Generate has no side effects to repeat).
+
+    Raises:
+        the last replica's error, or `generate_via_triton`'s others as they come.
+    """
+    deadline = time.monotonic() + timeout_s
+    error: CustomDiffError = Unavailable(UNAVAILABLE_TEXT)
+    for address in endpoints.order():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded("generation did not finish within the deadline")
+        try:
+            return generate_via_triton(address, model, request, left)
+        except Unavailable as e:
+            log.warning("Triton replica %s unavailable; trying the next of %s", address, endpoints.url)
+            endpoints.failed(address)
+            error = e
+    raise error
 
 
 def _domain_error(e, url: str, model: str) -> CustomDiffError:

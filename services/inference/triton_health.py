@@ -1,8 +1,10 @@
-"""The inference service's health follows Triton: NOT_SERVING while its model is not ready, SERVING again once it is.
+"""The inference service's health follows Triton: NOT_SERVING while no replica has the model ready, SERVING
+again once one has.
 
-A daemon thread asks Triton (`is_server_ready` and `is_model_ready`, each with a short client
-timeout) every `interval_s` and sets the gRPC health status of the given service names on a change,
-so load balancers and readiness probes stop sending Generate calls while Triton is down or restarting.
+A daemon thread asks every Triton replica (`is_server_ready` and `is_model_ready`, each with a short
+client timeout) every `interval_s` until one answers ready, and sets the gRPC health status of the
+given service names on a change, so load balancers and readiness probes stop sending Generate calls
+while Triton is down or restarting.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Self
 from grpc_health.v1 import health, health_pb2
 
 from services.inference.triton_client import new_client
+from services.inference.triton_endpoints import TritonEndpoints
 
 log = logging.getLogger(__name__)
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -21,7 +24,7 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class TritonHealth:
-    """Sets `names` on `health_servicer` from Triton's readiness at `url` until `stop()`."""
+    """Sets `names` on `health_servicer` from the readiness of Triton's replicas at `url` until `stop()`."""
 
     def __init__(self, url: str, model: str, health_servicer: health.HealthServicer, names: list[str],
                  interval_s: float = 1.0, timeout_s: float = 1.0) -> None:
@@ -53,16 +56,23 @@ class TritonHealth:
             return False
 
     def _run(self) -> None:
-        client = new_client(self.url)
+        endpoints, clients = TritonEndpoints(self.url), {}
         try:
             while True:
-                serving = self.ready(client)
+                serving = False
+                for address in endpoints.addresses():
+                    if address not in clients:
+                        clients[address] = new_client(address)
+                    if self.ready(clients[address]):
+                        serving = True
+                        break
                 if serving != self.serving:
                     self._set(serving)
                 if self._stop.wait(self.interval_s):
                     return
         finally:
-            client.close()
+            for client in clients.values():
+                client.close()
 
     def _set(self, serving: bool) -> None:
         status = SERVING if serving else NOT_SERVING
