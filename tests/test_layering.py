@@ -1,10 +1,10 @@
-"""Imports point downward: `engine/` is a library without transport, nothing but `customdiff eval` and the
-tests import `evals`, and what the services image copies imports on its own (no package it leaves out)."""
+"""Imports point downward: `engine/` is a library without transport, and nothing but `customdiff eval` and the
+tests import `evals`. That each image's packages import and start without what it leaves out is
+tests/test_deploy_images.py (installed from the emulated build context, `evals` unimportable)."""
 
 from __future__ import annotations
 
 import ast
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -39,19 +39,6 @@ def import_all(packages: list[str], blocked: list[str]) -> subprocess.CompletedP
 def test_engine_imports_no_transport_no_services():
     result = import_all(["engine"], ["grpc", "grpc_health", "tritonclient", "services", "evals", "customdiff"])
     assert result.stdout.strip() == "imported", result.stderr[-3000:]
-
-
-def test_the_services_image_imports_without_what_it_leaves_out():
-    copied = set(re.findall(r"^COPY (\w+) \./\1$", (ROOT / "deploy/docker/Dockerfile.services").read_text(), re.M))
-    assert set(LIBRARIES) <= copied, copied
-    left_out = sorted(p.name for p in ROOT.iterdir() if (p / "__init__.py").exists() and p.name not in copied)
-    assert "evals" in left_out and "tests" in left_out
-    result = import_all(sorted(copied & set(LIBRARIES)), left_out)
-    assert result.stdout.strip() == "imported", result.stderr[-3000:]
-    help_text = subprocess.run([sys.executable, "-c", BLOCKING.replace('print("imported")', "") +
-                                "\nfrom customdiff.__main__ import main; main(['serve', '--help'])",
-                                ",".join(left_out), "customdiff"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert "--only" in help_text.stdout, help_text.stderr[-3000:]
 
 
 @pytest.mark.parametrize("package", LIBRARIES)
