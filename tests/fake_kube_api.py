@@ -1,13 +1,14 @@
 """A small Kubernetes API server on loopback, speaking the real REST protocol, for launcher tests.
 
 It keeps Jobs, Services and Pods in memory with a global resourceVersion and an event log, and
-serves create / list / watch / delete the way the API server does: label selectors, watches that
-resume from a resourceVersion, BOOKMARK events, 410 Gone for compacted versions (on the request or
-in an open stream), ownerReference garbage collection, Status bodies for errors. Tests drive it
-(`set_job_status`, `add_pod`, `expire`, `bookmark`, `end_watches`, `fail`) and read what it got
-(`requests`, `verbs`). kmock (PyPI) does not fit: its emulator is asyncio-only and has no
-resourceVersion ordering, label selectors, bookmarks or 410 semantics, so this fake is smaller than
-the code needed to add them. `Events` collects what a launcher reports, for waiting on it.
+serves create / list / watch / delete / merge patch (Kueue admits a Job by patching `spec.suspend`)
+the way the API server does: label selectors, watches that resume from a resourceVersion, BOOKMARK
+events, 410 Gone for compacted versions (on the request or in an open stream), ownerReference
+garbage collection, Status bodies for errors. Tests drive it (`set_job_status`, `add_pod`, `expire`,
+`bookmark`, `end_watches`, `fail`) and read what it got (`requests`, `verbs`). kmock (PyPI) does not
+fit: its emulator is asyncio-only and has no resourceVersion ordering, label selectors, bookmarks or
+410 semantics, so this fake is smaller than the code needed to add them. `Events` collects what a
+launcher reports, for waiting on it.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ class Recorded:
             return "create"
         if self.method == "DELETE":
             return "delete"
+        if self.method == "PATCH":
+            return "patch"
         if self.query.get("watch") in ("true", "1"):
             return "watch"
         return "get" if self.name else "list"
@@ -71,6 +74,17 @@ def selector_matches(selector: str, labels: dict[str, str]) -> bool:
         elif term not in labels:
             return False
     return True
+
+
+def _merge(target: dict[str, Any], patch: dict[str, Any]) -> None:
+    """Apply a JSON merge patch to `target` in place: null deletes a key, objects merge, the rest replaces."""
+    for key, value in patch.items():
+        if value is None:
+            target.pop(key, None)
+        elif isinstance(value, dict) and isinstance(target.get(key), dict):
+            _merge(target[key], value)
+        else:
+            target[key] = json.loads(json.dumps(value))
 
 
 def _status(code: int, reason: str, message: str) -> dict[str, Any]:
@@ -255,6 +269,8 @@ class FakeKubeApi:
                 return 409, _status(409, "AlreadyExists", f"{request.resource} "
                                     f"\"{obj['metadata']['name']}\" already exists"), {}
             return 201, self._store(request.resource, obj), {}
+        if request.method == "PATCH":
+            return self._patch(request, key)
         if request.method == "DELETE":
             if key not in self._objects:
                 return 404, _status(404, "NotFound", f"{request.resource} \"{request.name}\" not found"), {}
@@ -271,6 +287,19 @@ class FakeKubeApi:
         api_version, kind = _KINDS[request.resource]
         return 200, {"kind": f"{kind}List", "apiVersion": api_version,
                      "metadata": {"resourceVersion": str(self._version)}, "items": items}, {}
+
+    def _patch(self, request: Recorded, key: tuple[str, str, str]) -> tuple[int, Any, dict]:
+        """A merge patch (RFC 7386; a strategic merge patch is one for the scalar fields tests patch)."""
+        if key not in self._objects:
+            return 404, _status(404, "NotFound", f"{request.resource} \"{request.name}\" not found"), {}
+        if not isinstance(request.body, dict):
+            return 415, _status(415, "UnsupportedMediaType", "only merge patches (objects) are supported"), {}
+        obj = self._objects[key]
+        _merge(obj, request.body)
+        if "spec" in request.body:
+            obj["metadata"]["generation"] += 1
+        self._record_event(request.resource, "MODIFIED", obj)
+        return 200, obj, {}
 
     def _watch_lines(self, resource: str, namespace: str, params: dict[str, str]):
         """Yield the JSON lines of one watch response until it times out or a test ends it."""
@@ -365,3 +394,6 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_DELETE(self) -> None:
         self._dispatch("DELETE")
+
+    def do_PATCH(self) -> None:
+        self._dispatch("PATCH")

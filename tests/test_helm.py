@@ -855,3 +855,28 @@ def test_the_triton_service_is_headless_and_the_inference_config_names_it():
     assert service["spec"]["clusterIP"] == "None"
     config = yaml.safe_load(next(d for d in docs if d["kind"] == "ConfigMap")["data"]["config.yaml"])
     assert config["triton_url"] == f"{service['metadata']['name']}:8001"
+
+
+def test_kueue_queue_and_tenant_priority_classes_reach_the_config_and_the_jobs():
+    docs = render(None, "trainer.jobs.kueue.queueName=gpu-training", "trainer.jobs.priorityClassName=training",
+                  "trainer.jobs.tenantPriorityClasses.acme=training-high")
+    kube = settings_of(docs).kubernetes
+    assert (kube.queue_name, kube.priority_class_name, kube.tenant_priority_classes) == (
+        "gpu-training", "training", {"acme": "training-high"})
+    for tenant, priority_class in (("acme", "training-high"), ("bob", "training")):
+        request = LaunchRequest("9" * 32, "alice/dog", f"{kube.store_mount_path}/x/spec.json",
+                                f"{kube.store_mount_path}/x", gpus_per_node=8, nodes=2, tenant=tenant)
+        job = build_job(request, kube)
+        kubernetes_validate.validate(job, KUBE_VERSION, strict=True)
+        assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-training"
+        assert job["spec"]["suspend"] is True
+        assert job["spec"]["template"]["spec"]["priorityClassName"] == priority_class
+    defaults = settings_of(render()).kubernetes
+    assert (defaults.queue_name, defaults.priority_class_name, defaults.tenant_priority_classes) == ("", "", {})
+    for sets, message in (
+        (["trainer.jobs.kueue.queueName=GPU_Queue"], "trainer.jobs.kueue.queueName: Does not match pattern"),
+        (["trainer.jobs.kueue.queue=gpu"], "trainer.jobs.kueue: Additional property queue is not allowed"),
+        (["trainer.jobs.tenantPriorityClasses.acme=High"],
+         "trainer.jobs.tenantPriorityClasses.acme: Does not match pattern"),
+    ):
+        assert message in helm_fails(*sets, schema=True), sets

@@ -14,6 +14,9 @@ from services.trainer.launchers.job_manifest import EXIT_BAD_SPEC, MAX_NAME_LEN,
 from services.trainer.launchers.job_state import job_state, pod_problems
 
 RUNNING_STATUS = {"active": 1, "ready": 1}
+KUEUE = {"kueue.x-k8s.io/queue-name": "gpu-training"}
+SUSPENDED = {"conditions": [{"type": "Suspended", "status": "True", "reason": "JobSuspended",
+                             "message": "Job suspended"}]}
 
 
 def container(name: str, state: dict, **more) -> dict:
@@ -39,6 +42,20 @@ def container(name: str, state: dict, **more) -> dict:
     ({"status": {"conditions": [{"type": "Suspended", "status": "True", "reason": "JobSuspended"}]}}, {},
      LaunchState.PENDING, "suspended (JobSuspended)"),
     ({"spec": {"parallelism": 2}, "status": {"active": 2}}, {}, LaunchState.RUNNING, "2 of 2 pods running"),
+    # Kueue: created suspended (no condition yet), then marked Suspended by the Job controller.
+    ({"metadata": {"name": "j", "labels": KUEUE}, "spec": {"suspend": True}}, {},
+     LaunchState.PENDING, "Job j is waiting for Kueue to admit it in queue gpu-training"),
+    ({"metadata": {"name": "j", "labels": KUEUE}, "spec": {"suspend": True}, "status": SUSPENDED}, {},
+     LaunchState.PENDING, "Job j is waiting for Kueue to admit it in queue gpu-training"),
+    # Admitted: the spec says run, the Suspended condition has not caught up yet.
+    ({"metadata": {"name": "j", "labels": KUEUE}, "spec": {"suspend": False}, "status": SUSPENDED}, {},
+     LaunchState.PENDING, "waiting for pods to be created"),
+    ({"metadata": {"name": "j", "labels": KUEUE}, "spec": {"suspend": False, "parallelism": 3},
+      "status": {"active": 3, "ready": 3}}, {}, LaunchState.RUNNING, "3 of 3 pods running"),
+    ({"metadata": {"name": "j", "labels": KUEUE}, "spec": {"suspend": True}}, {"cancel_requested": True,
+                                                                               "deleted": True},
+     LaunchState.CANCELLED, "cancelled by the user"),
+    ({"spec": {"suspend": True}}, {}, LaunchState.PENDING, "Job j is suspended (no reason given)"),
     ({}, {}, LaunchState.PENDING, "waiting for pods"),
 ])
 def test_job_state_is_a_pure_function_of_the_job(job, kwargs, state, needle):

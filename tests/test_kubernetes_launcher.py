@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import PurePosixPath
 
 import kubernetes_validate
 import pytest
 from kubernetes import client
 
-from concepts.errors import FailedPrecondition, PermissionDenied, Unavailable
-from services.common.settings import KubernetesSettings
+from concepts.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unavailable
+from services.common.settings import KubernetesSettings, Settings
 from services.trainer.launcher import LaunchRequest, LaunchState
 from services.trainer.launchers.job_manifest import (
     CHECK_CONTAINER,
@@ -410,3 +411,90 @@ def test_rbac_rules_are_exactly_the_calls_the_launcher_makes(fake, make_launcher
     events.wait_for(lambda e: e.state is LaunchState.CANCELLED)
     granted = {(group, resource, verb) for (group, resource), verbs in RBAC_RULES.items() for verb in verbs}
     assert fake.verbs() == granted
+
+
+# --- Kueue and per-tenant priority -------------------------------------------------------------
+
+QUEUE = "gpu-training"
+KUEUE_SETTINGS = dataclasses.replace(SETTINGS, queue_name=QUEUE, priority_class_name="training",
+                                     tenant_priority_classes={"acme": "training-high", "trial": ""})
+KUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+SUSPENDED = {"conditions": [{"type": "Suspended", "status": "True", "reason": "JobSuspended",
+                             "message": "Job suspended"}]}
+
+
+@pytest.mark.parametrize("request_", [ONE_NODE, THREE_NODES], ids=["one-node", "three-nodes"])
+def test_kueue_jobs_are_created_suspended_with_the_queue_label_and_validate(fake, make_launcher, request_):
+    launcher, _ = make_launcher(KUEUE_SETTINGS)
+    launcher.launch(request_)
+
+    [job] = sent(fake, "jobs")
+    kubernetes_validate.validate(job, KUBE_VERSION, strict=True)
+    assert job["spec"]["suspend"] is True and job["metadata"]["labels"][KUEUE_LABEL] == QUEUE
+    # Kueue manages the Job, not its pods: the pod template (and the Service's selector) stay as they were.
+    assert job["spec"]["template"]["metadata"]["labels"] == job_labels(request_, KUEUE_SETTINGS)
+    if request_.nodes > 1:  # the headless Service exists before admission, so rendezvous DNS is ready
+        [service] = sent(fake, "services")
+        kubernetes_validate.validate(service, KUBE_VERSION, strict=True)
+        assert KUEUE_LABEL not in service["metadata"]["labels"]
+        assert service["metadata"]["ownerReferences"][0]["uid"] == fake.objects("jobs")[0]["metadata"]["uid"]
+        assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["parallelism"] == 3
+    without = build_job(request_, SETTINGS)
+    assert "suspend" not in without["spec"] and KUEUE_LABEL not in without["metadata"]["labels"]
+
+
+def test_a_kueue_job_is_pending_until_admitted_then_runs_and_succeeds(fake, make_launcher):
+    launcher, _ = make_launcher(KUEUE_SETTINGS)
+    events = Events()
+    launcher.watch(events)
+    launcher.launch(THREE_NODES)
+    name = job_name(THREE_NODES.job_id, THREE_NODES.concept_id)
+    waiting = f"Job {name} is waiting for Kueue to admit it in queue {QUEUE}"
+    events.wait_for(lambda e: e.message == waiting)
+    fake.set_job_status(NS, name, SUSPENDED)  # the Job controller marks it; nothing new to report
+    earlier = fake.wait_for_requests(lambda r: r.verb == "watch")
+    fake.end_watches()  # a full watch cycle: the pods of a suspended Job are not looked for
+    fake.wait_for_requests(lambda r: r.verb == "watch" and all(r is not w for w in earlier))
+    admitted_at = len(fake.requests)
+
+    kueue = client.BatchV1Api(client.ApiClient(client.Configuration(host=fake.url)))
+    kueue.patch_namespaced_job(name, NS, {"spec": {"suspend": False}})  # Kueue admits the workload
+    events.wait_for(lambda e: e.message == "waiting for pods to be created")
+    fake.set_job_status(NS, name, {"active": 3, "ready": 3, "conditions": [
+        {"type": "Suspended", "status": "False", "reason": "JobResumed", "message": "Job resumed"}]})
+    events.wait_for(lambda e: e.state is LaunchState.RUNNING)
+    fake.set_job_status(NS, name, {"succeeded": 3, "conditions": [{"type": "Complete", "status": "True"}]})
+    events.wait_for(lambda e: e.state is LaunchState.SUCCEEDED)
+
+    assert [(e.state, e.message) for e in events.items] == [
+        (LaunchState.PENDING, waiting), (LaunchState.PENDING, "waiting for pods to be created"),
+        (LaunchState.RUNNING, "3 of 3 pods running"), (LaunchState.SUCCEEDED, f"Job {name} completed")]
+    assert not [r for r in fake.requests[:admitted_at] if r.resource == "pods"]
+    [patch] = [r for r in fake.requests if r.method == "PATCH"]
+    launcher_calls = fake.verbs() - {("batch", "jobs", "patch")}  # the patch was Kueue's, not the launcher's
+    assert patch.status == 200 and launcher_calls <= {(g, r, v) for (g, r), vs in RBAC_RULES.items() for v in vs}
+
+
+def test_training_pods_get_their_tenants_priority_class(fake, make_launcher):
+    launcher, _ = make_launcher(KUEUE_SETTINGS)
+    for i, tenant in enumerate(("acme", "bob", "trial", "")):
+        launcher.launch(dataclasses.replace(ONE_NODE, job_id=f"{i:032x}", tenant=tenant))
+
+    jobs = sent(fake, "jobs")
+    for job in jobs:
+        kubernetes_validate.validate(job, KUBE_VERSION, strict=True)
+    classes = [j["spec"]["template"]["spec"].get("priorityClassName") for j in jobs]
+    assert classes == ["training-high", "training", None, "training"]  # "trial" opts out of the default
+    assert "priorityClassName" not in build_job(ONE_NODE, SETTINGS)["spec"]["template"]["spec"]
+
+
+@pytest.mark.parametrize("kubernetes, field", [
+    ({"queue_name": "GPU_Queue"}, "kubernetes.queue_name"),
+    ({"queue_name": "q" * 64}, "kubernetes.queue_name"),
+    ({"priority_class_name": "High Priority"}, "kubernetes.priority_class_name"),
+    ({"tenant_priority_classes": {"acme": "-high"}}, "kubernetes.tenant_priority_classes.acme"),
+])
+def test_kueue_queue_and_priority_class_names_are_checked_at_load(kubernetes, field):
+    with pytest.raises(InvalidArgument) as raised:
+        Settings.from_dict({"kubernetes": kubernetes})
+    assert raised.value.field == field

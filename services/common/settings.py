@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from services.common.limits import RpcLimits
 
 LAUNCHERS = ("local", "kubernetes")
 LOG_FORMATS = ("text", "json")
+# A DNS-1123 subdomain: how LocalQueues and PriorityClasses are named.
+_DNS_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,13 @@ class KubernetesSettings:
     request_timeout_seconds: float = 30.0
     # Attempts after the first for transient API errors (429, 5xx, connection errors).
     api_retries: int = 5
+    # Kueue LocalQueue (in `namespace`) the Jobs are submitted to: they are created suspended with the
+    # label kueue.x-k8s.io/queue-name and start when Kueue admits (unsuspends) them. Empty: no Kueue.
+    queue_name: str = ""
+    # PriorityClass of training pods (empty: the cluster default); Kueue orders and preempts by it too.
+    priority_class_name: str = ""
+    # Per-tenant PriorityClass, tenant -> class name, overriding `priority_class_name` ("": the cluster default).
+    tenant_priority_classes: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.backoff_limit < 0:
@@ -75,6 +85,18 @@ class KubernetesSettings:
                                   f"and {self.request_timeout_seconds}")
         if self.api_retries < 0:
             raise InvalidArgument("kubernetes.api_retries", f"must be >= 0, got {self.api_retries}")
+        if self.queue_name and not (len(self.queue_name) <= 63 and _DNS_NAME.match(self.queue_name)):
+            raise InvalidArgument("kubernetes.queue_name", "must be a LocalQueue name of at most 63 lower-case "
+                                  f"letters, digits, '-' and '.', got {self.queue_name!r}")
+        classes = {"kubernetes.priority_class_name": self.priority_class_name,
+                   **{f"kubernetes.tenant_priority_classes.{t}": c for t, c in self.tenant_priority_classes.items()}}
+        for name, value in classes.items():
+            if not isinstance(value, str) or value and not (len(value) <= 253 and _DNS_NAME.match(value)):
+                raise InvalidArgument(name, f"must be a PriorityClass name (a DNS subdomain) or empty, got {value!r}")
+
+    def priority_class_for(self, tenant: str) -> str:
+        """The PriorityClass of `tenant`'s training pods: its own entry, else the default ("" = none)."""
+        return self.tenant_priority_classes.get(tenant, self.priority_class_name)
 
 
 @dataclass(frozen=True)

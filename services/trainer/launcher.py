@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
+from concepts.jobdir import JobDir
+
 
 class LaunchState(enum.Enum):
     PENDING = "pending"
@@ -34,6 +36,7 @@ class LaunchRequest:
         nodes: number of nodes (more than 1: torchrun rendezvous across pods).
         env: more environment of the training process: the trace it continues (TRACEPARENT) and where
             its spans go (CUSTOMDIFF_OTLP_ENDPOINT).
+        tenant: the tenant the job belongs to; the Kubernetes launcher picks its pods' PriorityClass by it.
     """
 
     job_id: str
@@ -43,6 +46,7 @@ class LaunchRequest:
     gpus_per_node: int = 0
     nodes: int = 1
     env: dict[str, str] = field(default_factory=dict)
+    tenant: str = ""
 
 
 @dataclass(frozen=True)
@@ -88,23 +92,29 @@ def outcome_from_work_dir(work_dir: str) -> tuple[LaunchState, str]:
     `result.json` means it succeeded; progress lines without a result mean it failed (with the
     trainer's own last error line as the reason when it wrote one); no trace means it never started.
     """
-    work = Path(work_dir)
-    if (work / "result.json").exists():
+    work = JobDir(work_dir)
+    if work.exists("result.json"):
         return LaunchState.SUCCEEDED, ""
-    if not (work / "progress.jsonl").exists():
+    if not work.exists("progress.jsonl"):
         return LaunchState.PENDING, ""
-    return LaunchState.FAILED, last_error(work) or "the training process ended without a result; see its log"
+    return LaunchState.FAILED, last_error(work_dir) or "the training process ended without a result; see its log"
 
 
-def reported_its_end(work: Path) -> bool:
+def _progress_lines(work: str | Path) -> list[str]:
+    """The lines of the job directory's progress.jsonl (local path or URL); none when it has none."""
+    try:
+        return JobDir(work).read_text("progress.jsonl").splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def reported_its_end(work: str | Path) -> bool:
     """Whether the trainer's last progress line says how it ended: its own error, or a requested stop.
 
     A process that died without one (a signal, the OOM killer, a host crash) may be resumed; one that
     reported an error (bad input, a checkpoint of another job, a bug) would end the same way again.
     """
-    path = work / "progress.jsonl"
-    lines = path.read_text(errors="replace").splitlines() if path.exists() else []
-    for line in reversed(lines):
+    for line in reversed(_progress_lines(work)):
         try:
             event = json.loads(line)
         except ValueError:
@@ -113,11 +123,10 @@ def reported_its_end(work: Path) -> bool:
     return False
 
 
-def last_error(work: Path) -> str:
+def last_error(work: str | Path) -> str:
     """The message of the trainer's last ``{"event": "error"}`` progress line, or ""."""
     message = ""
-    path = work / "progress.jsonl"
-    for line in (path.read_text(errors="replace").splitlines() if path.exists() else []):
+    for line in _progress_lines(work):
         try:
             event = json.loads(line)
         except ValueError:

@@ -151,6 +151,9 @@ kubernetes:
   ttl_seconds_after_finished: {{ $jobs.ttlSecondsAfterFinished }}
   rendezvous_port: {{ $jobs.rendezvousPort }}
   watch_timeout_seconds: {{ $jobs.watchTimeoutSeconds }}
+  queue_name: {{ $jobs.kueue.queueName | quote }}
+  priority_class_name: {{ $jobs.priorityClassName | quote }}
+  tenant_priority_classes: {{ toJson $jobs.tenantPriorityClasses }}
 {{- end }}
 
 {{/* Volumes every customdiff pod mounts: config, API keys, TLS (and the client CA), data, base model, /tmp. */}}

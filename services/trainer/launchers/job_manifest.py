@@ -2,7 +2,9 @@
 
 G GPUs on one node: a `batch/v1` Job with one pod running `torchrun --standalone --nproc_per_node=G`.
 N nodes: an Indexed Job (one pod per completion index) plus a headless Service that gives pod 0 a
-stable DNS name, `<job>-0.<job>`, for torchrun's c10d rendezvous. Nothing here talks to a cluster.
+stable DNS name, `<job>-0.<job>`, for torchrun's c10d rendezvous. With a Kueue queue configured the
+Job is created suspended and labelled with the queue; Kueue starts it by unsuspending it, and the
+Service (not a Kueue workload) is created at once either way. Nothing here talks to a cluster.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ LABEL_COMPONENT = "app.kubernetes.io/component"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_JOB_ID = "customdiff.io/job-id"
 LABEL_CONCEPT = "customdiff.io/concept"
+# Kueue's batch/v1 Job integration manages exactly the Jobs with this label (on the Job, not its pods).
+LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
 APP = "customdiff"
 COMPONENT = "training-job"
 CONTAINER = "trainer"
@@ -117,8 +121,13 @@ def build_job(request: LaunchRequest, settings: KubernetesSettings) -> dict[str,
     if request.nodes > 1:
         spec.update(completionMode="Indexed", completions=request.nodes, parallelism=request.nodes)
         pod["subdomain"] = name  # pod hostnames `<job>-<i>` resolve under the headless Service
+    metadata_labels = dict(labels)
+    if settings.queue_name:
+        # Kueue admits a Job by setting suspend to false; created running, it would start before admission.
+        metadata_labels[LABEL_KUEUE_QUEUE] = settings.queue_name
+        spec["suspend"] = True
     return {"apiVersion": "batch/v1", "kind": "Job",
-            "metadata": {"name": name, "namespace": settings.namespace, "labels": labels}, "spec": spec}
+            "metadata": {"name": name, "namespace": settings.namespace, "labels": metadata_labels}, "spec": spec}
 
 
 def build_service(request: LaunchRequest, settings: KubernetesSettings, job_uid: str) -> dict[str, Any]:
@@ -188,6 +197,9 @@ def _pod_spec(request: LaunchRequest, settings: KubernetesSettings, name: str) -
         pod["tolerations"] = copy.deepcopy(settings.tolerations)
     if settings.image_pull_secrets:
         pod["imagePullSecrets"] = [{"name": secret} for secret in settings.image_pull_secrets]
+    priority_class = settings.priority_class_for(request.tenant)
+    if priority_class:  # Kueue takes the workload's priority from it too (no WorkloadPriorityClass label)
+        pod["priorityClassName"] = priority_class
     return pod
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from services.trainer.launcher import LaunchState
+from services.trainer.launchers.job_manifest import LABEL_KUEUE_QUEUE
 
 # Conditions that end a Job. Since Kubernetes 1.31 the controller first sets SuccessCriteriaMet or
 # FailureTarget and adds Complete or Failed once the pods are gone; either one decides the outcome.
@@ -53,8 +54,11 @@ def job_state(job: dict[str, Any], deleted: bool = False,
             return LaunchState.FAILED, _failure_message(name, true[kind])
     if going:
         return LaunchState.FAILED, f"Job {name} was deleted before it finished, not by customdiff"
-    if "Suspended" in true:
-        return LaunchState.PENDING, f"Job {name} is suspended ({_reason_text(true['Suspended'])})"
+    if job_suspended(job):
+        queue = (job.get("metadata", {}).get("labels") or {}).get(LABEL_KUEUE_QUEUE)
+        if queue:  # queued, or preempted and queued again: Kueue unsuspends it on admission
+            return LaunchState.PENDING, f"Job {name} is waiting for Kueue to admit it in queue {queue}"
+        return LaunchState.PENDING, f"Job {name} is suspended ({_reason_text(true.get('Suspended', {}))})"
     parallelism = (job.get("spec") or {}).get("parallelism", 1)
     ready, active = status.get("ready"), status.get("active") or 0
     # `ready` is absent only on servers older than 1.24; there an active pod counts as running.
@@ -63,6 +67,20 @@ def job_state(job: dict[str, Any], deleted: bool = False,
     if active > 0:
         return LaunchState.PENDING, f"{active} of {parallelism} pods starting"
     return LaunchState.PENDING, "waiting for pods to be created"
+
+
+def job_suspended(job: dict[str, Any]) -> bool:
+    """Whether the Job is suspended: `spec.suspend` when the Job has it, else its Suspended condition.
+
+    The spec decides because the condition lags: a Job that Kueue just admitted (suspend set to false)
+    still shows Suspended=True until the Job controller creates its pods, and one created suspended has
+    no condition yet.
+    """
+    spec = job.get("spec") or {}
+    if "suspend" in spec:
+        return bool(spec["suspend"])
+    return any(c.get("type") == "Suspended" and c.get("status") == "True"
+               for c in (job.get("status") or {}).get("conditions") or [])
 
 
 def pod_problems(pods: list[dict[str, Any]]) -> str:

@@ -37,7 +37,7 @@ from services.trainer.launchers.job_manifest import (
     instance_selector,
     job_selector,
 )
-from services.trainer.launchers.job_state import job_state, pod_problems
+from services.trainer.launchers.job_state import job_state, job_suspended, pod_problems
 from services.trainer.launchers.k8s_calls import backoff, call_with_retries
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,8 @@ class _Tracked:
     # The last event delivered, and the Job's own part of its message (without the pods' problems).
     last: tuple[LaunchState, str] | None = None
     job_message: str = ""
+    # Suspended (waiting for Kueue): it has no pods whose problems would be worth a pod list.
+    suspended: bool = False
 
 
 class KubernetesJobLauncher:
@@ -165,7 +167,7 @@ class KubernetesJobLauncher:
         state, message = job_state(job)
         with self._lock:
             self._jobs[job_id] = _Tracked(job["metadata"]["name"], work_dir, created=True,
-                                          last=(state, message))
+                                          last=(state, message), suspended=job_suspended(job))
         return state, message
 
     def close(self) -> None:
@@ -306,7 +308,7 @@ class KubernetesJobLauncher:
         """Pods stuck in image pulls or scheduling do not change their Job: look at them now and then."""
         with self._lock:
             pending = [(job_id, t.job_message) for job_id, t in self._jobs.items()
-                       if t.created and t.last and t.last[0] is LaunchState.PENDING]
+                       if t.created and not t.suspended and t.last and t.last[0] is LaunchState.PENDING]
         for job_id, message in pending:
             problems = self._pod_problems(job_id)
             if problems:
@@ -321,7 +323,9 @@ class KubernetesJobLauncher:
             cancel_requested = job_id in self._cancelled
             state, message = job_state(job, deleted=deleted, cancel_requested=cancel_requested)
             tracked.job_message = message
-        if state in (LaunchState.FAILED, LaunchState.PENDING) and not deleted:
+            suspended = tracked.suspended = job_suspended(job)
+        waiting = state is LaunchState.PENDING and not suspended  # a suspended Job has no pods to blame
+        if (state is LaunchState.FAILED or waiting) and not deleted:
             problems = self._pod_problems(job_id)
             message = f"{message}; {problems}" if problems else message
         self._emit(job_id, state, message)
