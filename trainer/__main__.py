@@ -4,6 +4,10 @@ Exit status 0 on success (or a requested stop), 2 when the user must fix the inp
 reason is the last line of ``<work_dir>/progress.jsonl``: ``{"event": "error", "message": ...}``.
 With $CUSTOMDIFF_OTLP_ENDPOINT set, the run is a "training" span of the trace in $TRACEPARENT (the
 CreateTrainingJob that started it).
+
+A spec on an object store (``--spec s3://bucket/jobs/<id>/spec.json``: no filesystem shared with the
+service) names its job directory there: the trainer copies it to a local scratch directory, runs on
+the copy, and uploads its progress, checkpoint and result back as it goes (`concepts.jobdir.JobMirror`).
 """
 
 from __future__ import annotations
@@ -20,11 +24,34 @@ from concepts.tracing import OTLP_ENV, TRACEPARENT_ENV, configure_tracing, conti
 
 
 def _error(work_dir: str | None, message: str) -> None:
-    from trainer.progress import ProgressLog
+    from concepts.jobdir import JobDir, is_remote
+    from trainer.progress import PROGRESS_FILE, ProgressLog
 
-    if work_dir:
+    if work_dir and is_remote(work_dir):  # it failed before its local copy was made
+        JobDir(work_dir).append_text(PROGRESS_FILE, json.dumps({"event": "error", "message": message}) + "\n")
+    elif work_dir:
         ProgressLog(work_dir).error(message)
     print(json.dumps({"event": "error", "message": message}), flush=True)
+
+
+def _open_remote(spec_url: str):
+    """Copy the job directory holding `spec_url` to local scratch; returns (mirror, local spec path).
+
+    The copy's spec names the copied inputs, and its class-image cache is the scratch root's (kept
+    across jobs on this machine, as a local work directory's parent is).
+    """
+    import posixpath
+
+    from concepts.jobdir import JobDir, JobMirror, relocate
+    from trainer.checkpoint import STEP_MARKER, step_marker
+
+    remote = JobDir(posixpath.dirname(spec_url))
+    mirror = JobMirror.open(remote, rank=int(os.environ.get("RANK", "0")), markers={STEP_MARKER: step_marker})
+    local_spec = mirror.local / posixpath.basename(spec_url)
+    data = relocate(_read_spec(str(local_spec)), remote.url, str(mirror.local))
+    data["class_image_cache_dir"] = str(mirror.local.parent / "class-images")
+    local_spec.write_text(json.dumps(data, indent=2))
+    return mirror, str(local_spec)
 
 
 def _read_spec(path: str) -> dict:
@@ -41,10 +68,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer", description="Run one Custom Diffusion training job.")
     parser.add_argument("--spec", required=True, help="job spec JSON file (docs/job-spec.md)")
     args = parser.parse_args(argv)
+    from concepts.jobdir import is_remote
+
     work_dir = None
+    mirror = None
     stop_tracing = configure_tracing("customdiff-trainer", os.environ.get(OTLP_ENV, ""))
     try:
-        data = _read_spec(args.spec)
+        spec_path = args.spec
+        if is_remote(spec_path):
+            work_dir = spec_path.rsplit("/", 1)[0]  # where an error goes if the copy fails
+            mirror, spec_path = _open_remote(spec_path)
+        data = _read_spec(spec_path)
         work_dir = data.get("work_dir") if isinstance(data.get("work_dir"), str) else None
         from trainer.job import run_job
         from trainer.spec import JobSpec
@@ -64,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.distributed import shutdown_distributed
 
         shutdown_distributed()
+        if mirror is not None:
+            mirror.close()  # the last progress lines and the result, before the launcher sees the exit
         if stop_tracing is not None:
             stop_tracing()  # flush the spans
 

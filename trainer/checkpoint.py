@@ -18,6 +18,9 @@ from concepts.errors import FailedPrecondition
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "state.pt"
+#: In a remote job directory (concepts/jobdir.py), the step of the uploaded checkpoint, so that the
+#: service need not download the state to decide whether a dead job can be resumed.
+STEP_MARKER = f"{CHECKPOINT_DIR}/step"
 
 
 def checkpoint_path(work_dir: str | Path) -> Path:
@@ -69,8 +72,17 @@ def checkpoint_step(work_dir: str | Path) -> int | None:
     """The step of the checkpoint in `work_dir`, or None when there is none (or it cannot be read).
 
     Memory-maps the file, so only the few bytes of the step are read, however large the state is:
-    the service calls this to decide whether a dead training process can be resumed.
+    the service calls this to decide whether a dead training process can be resumed. A remote job
+    directory is asked for its `STEP_MARKER` instead.
     """
+    from concepts.jobdir import JobDir
+
+    remote = JobDir(work_dir)
+    if remote.local is None:
+        try:
+            return int(remote.read_text(STEP_MARKER))
+        except (OSError, ValueError):
+            return None
     path = checkpoint_path(work_dir)
     if not path.exists():
         return None
@@ -79,6 +91,12 @@ def checkpoint_step(work_dir: str | Path) -> int | None:
         return int(state["step"])
     except Exception:  # noqa: BLE001 - truncated or foreign file: nothing to resume from
         return None
+
+
+def step_marker(work_dir: str | Path) -> bytes | None:
+    """The `STEP_MARKER` content for the checkpoint in a local `work_dir`, or None without one."""
+    step = checkpoint_step(work_dir)
+    return None if step is None else str(step).encode()
 
 
 def remove_checkpoint(work_dir: str | Path) -> None:

@@ -8,6 +8,10 @@ the OOM killer, the host or the service going down with it) is resumed from the 
 work directory, at most MAX_RESUMES times per job (counted in `<work_dir>/resumes`); the trainer
 continues bit-exactly from the checkpoint's step. Launchers that rerun dead processes themselves
 (Kubernetes: the Job's backoffLimit) are left to do so.
+
+`work_dir` may be an object store URL (``s3://bucket/jobs``) when the service and the trainers share
+no filesystem: a job's inputs are then prepared in a local staging directory, checked there, and
+uploaded to ``<work_dir>/<job id>/``; everything the service reads back goes through `JobDir`.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import io
 import json
 import logging
 import shutil
+import tempfile
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +33,7 @@ from typing import Any
 from PIL import Image
 
 from concepts.errors import InvalidArgument, NotFound, Unavailable
+from concepts.jobdir import JobDir, relocate
 from concepts.store import ArtifactStore
 from concepts.tracing import OTLP_ENV, TRACEPARENT_ENV, current_traceparent, trace_id_of
 from services.common.logs import job_context
@@ -90,8 +96,9 @@ class TrainingJobs:
         # Decoding uploads costs CPU and memory per pixel: a few at a time, never on the RPC threads.
         self._decoder = ThreadPoolExecutor(settings.image_decode_workers, thread_name_prefix="image-decode")
         self._admit = threading.Lock()  # quota check and job record, one request at a time per replica
-        self.work_root = Path(settings.work_dir)
-        self.work_root.mkdir(parents=True, exist_ok=True)
+        self.work_root = JobDir(settings.work_dir)
+        if self.work_root.local is not None:
+            self.work_root.local.mkdir(parents=True, exist_ok=True)
         self._offsets: dict[str, int] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -114,9 +121,11 @@ class TrainingJobs:
         # 2. Write the images where the job will read them and validate the whole spec (decoding every
         #    image in the bounded pool), before anything durable is recorded; on failure the directory goes.
         job_id = uuid.uuid4().hex
-        work = self.work_root / job_id
+        work = self.work_root.child(job_id)
+        # A local job directory is its own staging directory; a remote one is staged in a private one.
+        stage = work.local or Path(tempfile.mkdtemp(prefix="customdiff-stage-")) / job_id
         try:
-            spec_dict = self._materialize(request, work)
+            spec_dict = self._materialize(request, stage)
             spec_dict["provenance"] = {"kind": "training", "job": f"trainingJobs/{job_id}"}
             spec = JobSpec.from_dict(spec_dict)
             self._decoder.submit(_check_inputs, spec).result()
@@ -124,33 +133,45 @@ class TrainingJobs:
             with self._admit:
                 self.quotas.check_training_jobs(tenant)
                 row, created = self.registry.create_job(tenant, KIND, request.request_id, request.concept_name,
-                                                        request.request_json, job_id=job_id, work_dir=str(work))
+                                                        request.request_json, job_id=job_id,
+                                                        work_dir=work.url)
+            if created:
+                work.upload(stage)  # nothing to do for a local job directory
         except BaseException:
-            shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(stage if work.local else stage.parent, ignore_errors=True)
             raise
+        if not work.local:
+            shutil.rmtree(stage.parent, ignore_errors=True)
         if not created:
-            shutil.rmtree(work, ignore_errors=True)
+            work.remove()
             return row, False
         # 4. Keep the inputs (the tenant owns them from now on), write the spec, launch.
         for data in blobs.values():
             self.store.put(data)
         self.registry.own_blobs(tenant, {digest: len(data) for digest, data in blobs.items()})
-        spec_path = work / "spec.json"
         # The training process continues this RPC's trace (a resumed one too: the env is in launch.json).
         env = {name: value for name, value in ((TRACEPARENT_ENV, current_traceparent()),
                                                (OTLP_ENV, self.settings.otlp_endpoint)) if value}
-        launch = LaunchRequest(row.id, request.concept_name, str(spec_path), str(work), request.gpus_per_node,
-                               request.nodes, env)
+        launch = LaunchRequest(row.id, request.concept_name, work.url_of("spec.json"), work.url,
+                               request.gpus_per_node, request.nodes, env, tenant=tenant)
         # launch.json before spec.json: `recover` relaunches a job whose spec.json exists
-        (work / "launch.json").write_text(json.dumps({"gpus_per_node": launch.gpus_per_node, "nodes": launch.nodes,
-                                                      "env": env}))
-        spec_path.write_text(json.dumps(spec.to_dict(), indent=2))
+        work.write_text("launch.json", json.dumps({"gpus_per_node": launch.gpus_per_node,
+                                                   "nodes": launch.nodes, "env": env}))
+        work.write_text("spec.json", json.dumps(self._spec_for(spec, stage, work), indent=2))
         try:
             self.launcher.launch(launch)
         except Exception:
             LAUNCHER_ERRORS.labels("launch").inc()
             raise
         return row, True
+
+    def _spec_for(self, spec, stage: Path, work: JobDir) -> dict[str, Any]:
+        """The checked spec as the trainer reads it: its paths in the job directory rather than the stage."""
+        data = relocate(spec.to_dict(), str(stage), work.url)
+        # The default cache, next to the jobs: the same string for a local job directory.
+        if data["class_image_cache_dir"] == str(stage.parent / "class-images"):
+            data["class_image_cache_dir"] = self.work_root.url_of("class-images")
+        return data
 
     def _materialize(self, request: TrainingRequest, work: Path) -> dict[str, Any]:
         spec = json.loads(json.dumps(request.spec))
@@ -172,8 +193,7 @@ class TrainingJobs:
     def recover(self) -> None:
         """After a restart: reattach running jobs, relaunch queued ones, record what ended meanwhile."""
         for row in self.registry.unfinished_jobs(KIND):
-            spec_path = Path(row.work_dir) / "spec.json"
-            if not row.work_dir or not spec_path.exists():
+            if not row.work_dir or not JobDir(row.work_dir).exists("spec.json"):
                 self.registry.update_job(row.id, state="failed",
                                          error_message="the service stopped before the job's inputs were saved")
                 continue
@@ -191,10 +211,11 @@ class TrainingJobs:
 
     @staticmethod
     def _launch_request(row) -> LaunchRequest:
-        work = Path(row.work_dir)
-        resources = json.loads((work / "launch.json").read_text())
-        return LaunchRequest(row.id, row.concept_name, str(work / "spec.json"), row.work_dir,
-                             resources["gpus_per_node"], resources["nodes"], resources.get("env", {}))
+        work = JobDir(row.work_dir)
+        resources = json.loads(work.read_text("launch.json"))
+        return LaunchRequest(row.id, row.concept_name, work.url_of("spec.json"), row.work_dir,
+                             resources["gpus_per_node"], resources["nodes"], resources.get("env", {}),
+                             tenant=row.tenant)
 
     def _resume(self, row, reason: str) -> str | None:
         """Relaunch a job whose training process died, from its checkpoint.
@@ -206,23 +227,22 @@ class TrainingJobs:
 
         if self.launcher.retries_itself or row.state in TERMINAL_STATES or not row.work_dir:
             return reason
-        work = Path(row.work_dir)
-        if reported_its_end(work):  # the trainer gave up and said why: it would again
+        work = JobDir(row.work_dir)
+        if reported_its_end(row.work_dir):  # the trainer gave up and said why: it would again
             return reason
-        step = checkpoint_step(work)
+        step = checkpoint_step(row.work_dir)
         if step is None:
             return reason
         done = _read_resumes(work)
         if done >= MAX_RESUMES:
-            log.warning("job %s died again after %d resumes; failing it (work dir %s)", row.id, done, work)
+            log.warning("job %s died again after %d resumes; failing it (work dir %s)", row.id, done,
+                        work.url)
             return (f"{reason} (the process died {done + 1} times; it was resumed from its checkpoint "
                     f"{done} times, the most allowed, last from step {step})")
-        tmp = work / f".{RESUMES_FILE}.tmp"
-        tmp.write_text(str(done + 1))
-        tmp.replace(work / RESUMES_FILE)
+        work.write_text(RESUMES_FILE, str(done + 1))
         line = (f"resumed from the checkpoint at step {step} (resume {done + 1} of at most {MAX_RESUMES}): "
                 f"{reason}")
-        log.warning("job %s: %s (work dir %s)", row.id, line, work)
+        log.warning("job %s: %s (work dir %s)", row.id, line, work.url)
         self.registry.update_job(row.id, log_line=line)
         try:
             self.launcher.launch(self._launch_request(row))
@@ -250,7 +270,7 @@ class TrainingJobs:
     def _trace_id(row) -> str:
         """The trace id of the CreateTrainingJob that started the job (from its launch.json), or ""."""
         try:
-            env = json.loads((Path(row.work_dir) / "launch.json").read_text()).get("env", {})
+            env = json.loads(JobDir(row.work_dir).read_text("launch.json")).get("env", {})
         except (OSError, ValueError):
             return ""
         return trace_id_of(env.get(TRACEPARENT_ENV, ""))
@@ -272,7 +292,7 @@ class TrainingJobs:
             self.registry.update_job(row.id, state="cancelled", log_line=event.message)
 
     def _register_result(self, row) -> None:
-        result = json.loads((Path(row.work_dir) / "result.json").read_text())
+        result = json.loads(JobDir(row.work_dir).read_text("result.json"))
         concept = self.store.get_concept(result["digest"])  # verifies the artifact before it is registered
         self.registry.complete_job(row.id, {
             "digest": result["digest"], "tokens": list(concept.tokens), "class_words": list(concept.class_words),
@@ -287,14 +307,14 @@ class TrainingJobs:
 
     def _tail(self, row) -> None:
         """Append new progress lines of the job to the registry (each becomes a Watch event)."""
-        path = Path(row.work_dir or "/nonexistent") / "progress.jsonl"
-        if not path.exists():
+        if not row.work_dir:
             return
         with self._lock:
             offset = self._offsets.get(row.id, int(row.progress.get("_offset", 0)))
-            with open(path, "rb") as f:
-                f.seek(offset)
-                chunk = f.read()
+            try:
+                chunk = JobDir(row.work_dir).read_bytes("progress.jsonl", offset)
+            except FileNotFoundError:
+                return
             complete = chunk[: chunk.rfind(b"\n") + 1]  # never half a line
             if not complete:
                 return
@@ -329,10 +349,10 @@ def _check_inputs(spec) -> None:
         raise
 
 
-def _read_resumes(work: Path) -> int:
+def _read_resumes(work: JobDir) -> int:
     """How often the job was resumed; an unreadable counter counts as used up (better failed than looping)."""
     try:
-        return int((work / RESUMES_FILE).read_text())
+        return int(work.read_text(RESUMES_FILE))
     except FileNotFoundError:
         return 0
     except (OSError, ValueError):

@@ -30,8 +30,10 @@ class LaunchRequest:
     Args:
         job_id: registry id of the job (unique, lower-case hex); labels and names derive from it.
         concept_id: tenant-scoped concept name, for labels.
-        spec_path: path of the job spec JSON as seen by the training process.
-        work_dir: job directory as seen by the training process (progress lines, logs, output).
+        spec_path: path of the job spec JSON as seen by the training process, or its URL when the job
+            directory is on an object store (`concepts.jobdir`).
+        work_dir: job directory as seen by the training process (progress lines, logs, output): a path,
+            or a URL such as ``s3://bucket/jobs/<job id>``.
         gpus_per_node: GPUs per node; 0 runs on CPU.
         nodes: number of nodes (more than 1: torchrun rendezvous across pods).
         env: more environment of the training process: the trace it continues (TRACEPARENT) and where

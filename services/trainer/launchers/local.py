@@ -1,7 +1,9 @@
 """Runs `python -m trainer --spec` (or torchrun for several GPUs) as local subprocesses, a few at a time.
 
 Processes start in their own session so they outlive a restart of the service; `reattach` finds them
-again through the pid file in the job's work directory. Logs stay in `<work_dir>/train.log`. A
+again through the pid file in the job's work directory. Logs stay in `<work_dir>/train.log`. A job
+directory on an object store cannot be a process's cwd: such a job's pid file and log are kept in
+`<temp dir>/customdiff-launcher/<job id>/` instead (`state_dir`). A
 process that dies is reported FAILED; `TrainingJobs` then resumes it from its checkpoint. Unless
 OMP_NUM_THREADS is set, each job gets an equal share of the CPU cores as its thread count: jobs that
 each take every core oversubscribe the machine, and OpenMP's spinning then slows all of them many times
@@ -15,12 +17,14 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
 from pathlib import Path
 from typing import Callable
 
+from concepts.jobdir import JobDir
 from services.common.processes import alive, describe_exit
 from services.trainer.launcher import LaunchEvent, LaunchRequest, LaunchState, last_error, outcome_from_work_dir
 
@@ -68,12 +72,13 @@ class LocalProcessLauncher:
         self._listeners.append(on_event)
 
     def reattach(self, job_id: str, work_dir: str) -> tuple[LaunchState, str]:
-        pid_file = Path(work_dir) / "pid"
+        local = state_dir(job_id, work_dir)
+        pid_file = local / "pid"
         pid = int(pid_file.read_text()) if pid_file.exists() else None
-        if pid is not None and alive(pid) and _runs_in(pid, work_dir):  # not a reused pid after a reboot
+        if pid is not None and alive(pid) and _runs_in(pid, str(local)):  # not a reused pid after a reboot
             with self._lock:
                 self._running[job_id] = pid
-            threading.Thread(target=self._poll_pid, args=(job_id, pid, Path(work_dir)), daemon=True,
+            threading.Thread(target=self._poll_pid, args=(job_id, pid, work_dir), daemon=True,
                              name=f"reattach-{job_id[:8]}").start()
             return LaunchState.RUNNING, ""
         if pid is None:  # never started: run it now
@@ -100,7 +105,7 @@ class LocalProcessLauncher:
                              name=f"job-{request.job_id[:8]}").start()
 
     def _start(self, request: LaunchRequest) -> subprocess.Popen:
-        work = Path(request.work_dir)
+        work = state_dir(request.job_id, request.work_dir)
         work.mkdir(parents=True, exist_ok=True)
         if request.gpus_per_node > 1:
             cmd = [self._python, "-m", "torch.distributed.run", "--standalone",
@@ -118,14 +123,14 @@ class LocalProcessLauncher:
 
     def _wait(self, request: LaunchRequest, proc: subprocess.Popen) -> None:
         code = proc.wait()
-        self._finish(request.job_id, Path(request.work_dir), code)
+        self._finish(request.job_id, request.work_dir, code)
 
-    def _poll_pid(self, job_id: str, pid: int, work: Path) -> None:
+    def _poll_pid(self, job_id: str, pid: int, work: str) -> None:
         while alive(pid) and not self._closed.is_set():
             time.sleep(0.5)
         self._finish(job_id, work, exit_code=None)
 
-    def _finish(self, job_id: str, work: Path, exit_code: int | None) -> None:
+    def _finish(self, job_id: str, work: str, exit_code: int | None) -> None:
         if self._closed.is_set():  # a closed launcher reports nothing; a restarted service reattaches
             return
         with self._lock:
@@ -137,7 +142,8 @@ class LocalProcessLauncher:
         else:
             state, message = _final_state(work, exit_code)
             if state is LaunchState.FAILED:
-                log.warning("job %s failed (%s); its log is %s", job_id, message, work / "train.log")
+                log.warning("job %s failed (%s); its log is %s", job_id, message,
+                            state_dir(job_id, work) / "train.log")
             self._emit(LaunchEvent(job_id, state, message))
         self._dispatch()
 
@@ -149,10 +155,17 @@ class LocalProcessLauncher:
                 log.exception("launch event listener failed for %s", event)
 
 
-def _final_state(work: Path, exit_code: int | None) -> tuple[LaunchState, str]:
+def state_dir(job_id: str, work_dir: str) -> Path:
+    """Where the job runs (its cwd) and keeps its pid file and train.log: its job directory when that is
+    local, else a directory of its own under the temp dir."""
+    local = JobDir(work_dir).local
+    return local if local is not None else Path(tempfile.gettempdir()) / "customdiff-launcher" / job_id
+
+
+def _final_state(work: str, exit_code: int | None) -> tuple[LaunchState, str]:
     """SUCCEEDED when the trainer wrote its result; else FAILED with the trainer's own error line if any."""
     if exit_code in (0, None):
-        state, message = outcome_from_work_dir(str(work))
+        state, message = outcome_from_work_dir(work)
         if state is not LaunchState.PENDING:
             return state, message
     reason = f"the training process {describe_exit(exit_code)}; see the job's train.log"
