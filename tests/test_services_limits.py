@@ -15,7 +15,7 @@ from grpc_status import rpc_status
 from PIL import Image
 
 from concepts.store import ArtifactStore
-from customdiff_client import Client
+from customdiff_client import CallError, Client
 from customdiffusion.v1 import merger_service_pb2 as mpb
 from customdiffusion.v1 import resources_pb2
 from customdiffusion.v1 import trainer_service_pb2 as tpb
@@ -194,9 +194,11 @@ def test_concurrent_generations_quota_per_tenant(tmp_path, tiny_base_dir, black_
                                                               timeout=4))
         slow.start()
         time.sleep(1.0)  # A's first generation now waits on Triton
-        with pytest.raises(grpc.RpcError) as e:
+        with pytest.raises(CallError) as e:  # the client unpacks the QuotaFailure
             clients["a"].generate("a dog", timeout=4)
-        assert _quota_violation(e.value) == "tenant:tenant-a concurrent_generations"
+        assert e.value.status == grpc.StatusCode.RESOURCE_EXHAUSTED and e.value.reason == "QUOTA_EXCEEDED"
+        assert [(v.subject, v.description.split(":")[0]) for v in e.value.quota_violations] == [
+            ("tenant:tenant-a", "concurrent_generations")]
         with pytest.raises(grpc.RpcError) as e:  # B has its own slots: it waits on Triton too
             clients["b"].generate("a dog", timeout=1.5)
         assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED

@@ -17,17 +17,20 @@ def watch_job(registry: Registry, job_id: str, tenant: str, kind: str,
               context: grpc.ServicerContext) -> Iterator[tuple[JobRow, str]]:
     """Yield (job snapshot, log line): the current state first, then one item per event until the job ends.
 
-    A watcher that connects late gets the current state first and then only newer events. Ends when
-    the job reaches a terminal state or the client goes away; when the server shuts down it ends with
-    UNAVAILABLE, which clients retry (on another replica).
+    A watcher that connects late gets the current state first and then only newer events. Ends once
+    the job reached a terminal state and every event up to it was sent (a snapshot may show the end
+    before the events that led to it have been streamed), or when the client goes away; when the
+    server shuts down it ends with UNAVAILABLE, which clients retry (on another replica).
     """
     last = registry.last_event_id(job_id)
     row = registry.get_job(job_id, tenant, kind)  # NotFound for another tenant's job
     yield row, ""
-    while row.state not in TERMINAL_STATES and context.is_active():
+    while context.is_active():
+        events = registry.events_after(job_id, last)
+        if not events and row.state in TERMINAL_STATES:
+            return
         if registry.watchers_released:
             raise Unavailable("the server is shutting down; watch the job again to continue")
-        events = registry.events_after(job_id, last)
         if not events:
             registry.wait_for_change(POLL_S)
             continue

@@ -30,7 +30,7 @@ class ConceptRow(Base):
     digest: Mapped[str] = mapped_column(String(64), index=True)
     tokens: Mapped[list[str]] = mapped_column(JSON)
     class_words: Mapped[list[str]] = mapped_column(JSON)
-    size_bytes: Mapped[int] = mapped_column(Integer)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
     base_fingerprint: Mapped[str] = mapped_column(String(64))
     provenance: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

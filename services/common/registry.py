@@ -15,7 +15,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import create_engine, event, func, select, union
+from sqlalchemy import create_engine, event, func, select, text, union
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -25,6 +25,8 @@ from services.common.models import BlobOwnerRow, ConceptRow, JobEventRow, JobRow
 
 TERMINAL_STATES = ("succeeded", "failed", "cancelled")
 MIGRATIONS = Path(__file__).parent / "migrations"
+# PostgreSQL advisory lock held while migrating: replicas that start together migrate one after another.
+MIGRATION_LOCK = 0x637573746F6D64  # "customd"
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,8 @@ class Registry:
         config = Config()
         config.set_main_option("script_location", str(MIGRATIONS))
         with self.engine.begin() as connection:
+            if connection.dialect.name == "postgresql":  # (SQLite: one replica only)
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
 
@@ -83,19 +87,25 @@ class Registry:
         Returns None, registering nothing, when the job already ended: a result reported twice (a
         relaunched watcher, a second replica) is registered once.
         """
-        with self._session() as s:
-            job = s.get(JobRow, job_id, with_for_update=True)
-            if job is None or job.state in TERMINAL_STATES:
-                return None
-            row = _insert_concept(s, job.tenant, job.concept_name, concept)
-            s.flush()
-            job.state, job.concept_id, job.updated_at = "succeeded", row.id, utcnow()
-            s.add(JobEventRow(job_id=job_id, state="succeeded",
-                              log_line=log_line or f"registered {job.concept_name} v{row.version}"))
-            s.commit()
-        _observe_end(job)
-        self._notify()
-        return row
+        for _ in range(5):  # two jobs of one concept that end together race for the version number
+            with self._session() as s:
+                job = s.get(JobRow, job_id, with_for_update=True)  # a concurrent completion waits here
+                if job is None or job.state in TERMINAL_STATES:
+                    return None
+                row = _insert_concept(s, job.tenant, job.concept_name, concept)
+                try:
+                    s.flush()
+                    job.state, job.concept_id, job.updated_at = "succeeded", row.id, utcnow()
+                    s.add(JobEventRow(job_id=job_id, state="succeeded",
+                                      log_line=log_line or f"registered {job.concept_name} v{row.version}"))
+                    s.commit()
+                except IntegrityError:
+                    s.rollback()
+                    continue
+            _observe_end(job)
+            self._notify()
+            return row
+        raise RuntimeError(f"could not register the result of job {job_id!r}")
 
     def get_concept(self, tenant: str, name: str, version: int = 0) -> ConceptRow:
         """The version (0: latest) of the tenant's concept; another tenant's concept is NotFound too."""
@@ -258,7 +268,9 @@ class Registry:
         A job in a terminal state never changes state again (a late "failed" after "cancelled" is ignored).
         """
         with self._session() as s:
-            row = s.get(JobRow, job_id)
+            # Locked (PostgreSQL) so that concurrent writers of one job take turns: a late terminal state sees
+            # the first one, and the job's events get their ids in commit order, the order watchers read them.
+            row = s.get(JobRow, job_id, with_for_update=True)
             if row is None:
                 raise NotFound(f"job {job_id!r} not found")
             if row.state in TERMINAL_STATES:
