@@ -43,6 +43,18 @@ def server_internals(message: str) -> list[str]:
     return paths + _INTERNALS.findall(message)
 
 
+def bad_request_fields(error) -> list[str]:
+    """The fields a failed call's google.rpc.BadRequest names (asserting the server sent one)."""
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    bad = error_details_pb2.BadRequest()
+    status = rpc_status.from_call(error)
+    assert status is not None, error.details()
+    assert any(d.Unpack(bad) for d in status.details if d.Is(bad.DESCRIPTOR))
+    return [v.field for v in bad.field_violations]
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _record_status_messages():
     """Every status message an in-process server sends passes through `_Context.abort`/`set_details`."""

@@ -9,25 +9,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
+from moto import server as moto_server
 
-pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
-
-from concepts.jobdir import JobDir, JobMirror, relocate  # noqa: E402
-from tests.trainer_helpers import trainer_client, training_request  # noqa: E402
+from concepts.jobdir import JobDir, JobMirror, relocate
+from customdiff.local import free_port
+from tests.trainer_helpers import trainer_client, training_request
 
 pytestmark = pytest.mark.s3
 BUCKET = "customdiff-test"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +27,7 @@ def s3(tmp_path_factory):
     """A moto S3 server with one bucket; the AWS_* environment (inherited by subprocesses) points at it."""
     import fsspec
 
-    port = _free_port()
+    port = free_port()
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
@@ -102,10 +94,9 @@ def test_mirror_copies_down_uploads_outputs_and_deletes_removed_ones(s3):
     assert not local.exists()
 
 
-def test_training_job_with_s3_only_succeeds_and_streams_progress(s3, tmp_path, tiny_base_dir, monkeypatch):
-    from customdiffusion.v1 import resources_pb2
-    from customdiffusion.v1 import trainer_service_pb2 as tpb
-    from concepts.store import ArtifactStore
+@pytest.fixture
+def s3_stack(s3, tmp_path, tiny_base_dir, monkeypatch):
+    """A trainer service whose store and job directories are on S3 only; yields its settings and a client."""
     from services.app import start_stack
     from services.common.settings import Settings
 
@@ -115,14 +106,27 @@ def test_training_job_with_s3_only_succeeds_and_streams_progress(s3, tmp_path, t
                         base_model=str(tiny_base_dir))
     stack = start_stack(settings, components=("trainer",))
     client = trainer_client(stack)
-    try:
-        job = client.trainer_stub.CreateTrainingJob(training_request(6, 3, "s3-test"),
-                                                    metadata=client.metadata).training_job
-        events = list(client.trainer_stub.WatchTrainingJob(tpb.WatchTrainingJobRequest(name=job.name),
-                                                           metadata=client.metadata, timeout=300))
-    finally:
-        client.close()
-        stack.stop(0)
+    yield settings, client
+    client.close()
+    stack.stop(0)
+
+
+def watch(client, name: str) -> list:
+    """Every event of the job until it ends."""
+    from customdiffusion.v1 import trainer_service_pb2 as tpb
+
+    return list(client.trainer_stub.WatchTrainingJob(tpb.WatchTrainingJobRequest(name=name),
+                                                     metadata=client.metadata, timeout=300))
+
+
+def test_training_job_with_s3_only_succeeds_and_streams_progress(s3_stack):
+    from customdiffusion.v1 import resources_pb2
+    from concepts.store import ArtifactStore
+
+    settings, client = s3_stack
+    job = client.trainer_stub.CreateTrainingJob(training_request(6, 3, "s3-test"),
+                                                metadata=client.metadata).training_job
+    events = watch(client, job.name)
     final = events[-1].training_job
     assert final.state == resources_pb2.JOB_STATE_SUCCEEDED, final.error_message
     steps = [e.training_job.progress.step for e in events if e.training_job.progress.step]
@@ -139,40 +143,26 @@ def test_training_job_with_s3_only_succeeds_and_streams_progress(s3, tmp_path, t
     assert not any(Path(p).exists() for p in ("s3:", settings.work_dir, settings.store_url))
 
 
-def test_a_killed_training_process_resumes_from_its_checkpoint_on_s3(s3, tmp_path, tiny_base_dir,
-                                                                     monkeypatch):
+def test_a_killed_training_process_resumes_from_its_checkpoint_on_s3(s3_stack):
     import signal
     import time
 
     from customdiffusion.v1 import resources_pb2
-    from customdiffusion.v1 import trainer_service_pb2 as tpb
-    from services.app import start_stack
-    from services.common.settings import Settings
     from services.trainer.launchers.local import state_dir
     from trainer.checkpoint import checkpoint_step
 
-    monkeypatch.chdir(tmp_path)
-    settings = Settings(database_url=f"sqlite:///{tmp_path}/registry.db", store_url=f"s3://{BUCKET}/store",
-                        work_dir=f"s3://{BUCKET}/jobs", api_keys="key-a=tenant-a", trainer_port=0,
-                        base_model=str(tiny_base_dir))
-    stack = start_stack(settings, components=("trainer",))
-    client = trainer_client(stack)
-    try:
-        job = client.trainer_stub.CreateTrainingJob(training_request(200, 5, "s3-resume", num_class_images=1),
-                                                    metadata=client.metadata).training_job
-        job_id = job.name.removeprefix("trainingJobs/")
-        work_dir = f"{settings.work_dir}/{job_id}"
-        deadline = time.monotonic() + 120
-        while (checkpoint_step(work_dir) or 0) < 5:  # the uploaded checkpoint's marker
-            assert time.monotonic() < deadline, "no checkpoint reached S3"
-            time.sleep(0.1)
-        pid = int((state_dir(job_id, work_dir) / "pid").read_text())
-        os.killpg(pid, signal.SIGKILL)
-        events = list(client.trainer_stub.WatchTrainingJob(tpb.WatchTrainingJobRequest(name=job.name),
-                                                           metadata=client.metadata, timeout=300))
-    finally:
-        client.close()
-        stack.stop(0)
+    settings, client = s3_stack
+    job = client.trainer_stub.CreateTrainingJob(training_request(200, 5, "s3-resume", num_class_images=1),
+                                                metadata=client.metadata).training_job
+    job_id = job.name.removeprefix("trainingJobs/")
+    work_dir = f"{settings.work_dir}/{job_id}"
+    deadline = time.monotonic() + 120
+    while (checkpoint_step(work_dir) or 0) < 5:  # the uploaded checkpoint's marker
+        assert time.monotonic() < deadline, "no checkpoint reached S3"
+        time.sleep(0.1)
+    pid = int((state_dir(job_id, work_dir) / "pid").read_text())
+    os.killpg(pid, signal.SIGKILL)
+    events = watch(client, job.name)
     final = events[-1].training_job
     assert final.state == resources_pb2.JOB_STATE_SUCCEEDED, final.error_message
     assert JobDir(work_dir).read_text("resumes") == "1"

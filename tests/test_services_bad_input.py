@@ -9,8 +9,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from PIL import Image
 
 from customdiff_client import Client
@@ -21,6 +19,7 @@ from customdiffusion.v1 import trainer_service_pb2 as tpb
 from services.app import start_stack
 from services.common.registry import Registry
 from services.common.settings import Settings
+from tests.conftest import bad_request_fields
 
 MAX_MESSAGE = 1024 * 1024
 
@@ -126,14 +125,6 @@ OTHER_CASES = [
 ]
 
 
-def _field_of(error: grpc.RpcError) -> list[str]:
-    bad = error_details_pb2.BadRequest()
-    status = rpc_status.from_call(error)
-    assert status is not None, error.details()
-    assert any(d.Unpack(bad) for d in status.details if d.Is(bad.DESCRIPTOR))
-    return [v.field for v in bad.field_violations]
-
-
 def _nothing_written(settings: Settings) -> None:
     registry = Registry(settings.database_url)
     assert registry.list_jobs("tenant-a", "training") == []
@@ -148,7 +139,7 @@ def test_create_training_job_bad_fields(stack, field, request_):
     with pytest.raises(grpc.RpcError) as e:
         client.trainer_stub.CreateTrainingJob(request_, metadata=client.metadata)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
-    assert _field_of(e.value) == [field], e.value.details()
+    assert bad_request_fields(e.value) == [field], e.value.details()
     _nothing_written(settings)
 
 
@@ -159,7 +150,7 @@ def test_other_rpcs_bad_fields(stack, server, method, request_, field):
     with pytest.raises(grpc.RpcError) as e:
         getattr(stub, method)(request_, metadata=client.metadata)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
-    assert _field_of(e.value) == [field], e.value.details()
+    assert bad_request_fields(e.value) == [field], e.value.details()
     _nothing_written(settings)
 
 
@@ -249,7 +240,7 @@ def test_hostile_input_is_invalid_argument_fast_and_short(stack, server, method,
             getattr(stub, method)(request_, metadata=client.metadata, timeout=10)
         took.append(time.perf_counter() - start)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()[:300]
-    assert _field_of(e.value) == [field], e.value.details()[:300]
+    assert bad_request_fields(e.value) == [field], e.value.details()[:300]
     assert e.value.details().startswith(field + ": ")
     assert len(e.value.details()) < 400, e.value.details()[:500]  # values are quoted to about 100 characters
     assert min(took) < 0.05, took

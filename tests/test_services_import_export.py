@@ -11,9 +11,7 @@ import numpy as np
 import pytest
 import torch
 from google.protobuf.descriptor_pool import DescriptorPool
-from google.rpc import error_details_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
-from grpc_status import rpc_status
 from safetensors.torch import save as st_save
 
 from concepts.artifact import concept_to_bytes
@@ -27,7 +25,7 @@ from services.app import start_stack
 from services.common import concept_interop
 from services.common.registry import Registry
 from services.common.settings import Quotas, Settings
-from tests.conftest import random_concept
+from tests.conftest import bad_request_fields, random_concept
 
 DIFFUSERS, ORIGINAL = cpb.CHECKPOINT_FORMAT_DIFFUSERS, cpb.CHECKPOINT_FORMAT_ORIGINAL
 _K = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"
@@ -66,14 +64,6 @@ def env(tmp_path_factory, tiny_base_dir):
 
 def _key(tenant: str):
     return (("authorization", f"Bearer key-{tenant}"),)
-
-
-def _field_of(error: grpc.RpcError) -> list[str]:
-    bad = error_details_pb2.BadRequest()
-    status = rpc_status.from_call(error)
-    assert status is not None, error.details()
-    assert any(d.Unpack(bad) for d in status.details if d.Is(bad.DESCRIPTOR))
-    return [v.field for v in bad.field_violations]
 
 
 def _export(stub, tenant: str, name: str, version: int = 0, **request) -> dict[str, bytes]:
@@ -181,7 +171,7 @@ EXPORT_CASES = [
 def test_export_bad_fields(env, field, request_):
     with pytest.raises(grpc.RpcError) as e:
         list(env["stub"].ExportConcept(cpb.ExportConceptRequest(**request_), metadata=_key("a"), timeout=30))
-    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and _field_of(e.value) == [field], e.value.details()
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and bad_request_fields(e.value) == [field], e.value.details()
 
 
 def _torch_bytes(obj) -> bytes:
@@ -260,7 +250,7 @@ def test_bad_imports_are_refused_by_field_and_leave_nothing(env, diffusers_files
     with pytest.raises(grpc.RpcError) as e:
         stub.ImportConcept(iter(messages), metadata=_key("b"), timeout=60)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
-    assert _field_of(e.value) == [field], e.value.details()
+    assert bad_request_fields(e.value) == [field], e.value.details()
     assert e.value.details().startswith(f"{field}: ") and text in e.value.details(), e.value.details()
     assert "customdiff-import-" not in e.value.details()  # the server's temporary paths stay on the server
     assert sorted(p.name for p in (Path(settings.store_url) / "sha256").iterdir()) == blobs
@@ -272,7 +262,7 @@ def test_an_import_over_the_size_cap_is_refused_as_it_arrives(env, diffusers_fil
     monkeypatch.setattr(concept_interop, "MAX_IMPORT_BYTES", 10_000)
     with pytest.raises(grpc.RpcError) as e:
         _import(env["stub"], "b", _header(), diffusers_files)
-    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and _field_of(e.value) == ["data"]
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and bad_request_fields(e.value) == ["data"]
     assert "exceed 10000 bytes" in e.value.details()
 
 

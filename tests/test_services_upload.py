@@ -24,6 +24,7 @@ from services.common.quotas import TenantQuotas
 from services.common.registry import Registry
 from services.common.settings import Quotas, Settings
 from services.trainer.uploads import ImageUploads
+from tests.conftest import bad_request_fields
 from tests.trainer_helpers import stripes_png
 
 MAX_IMAGES = 3
@@ -99,14 +100,6 @@ def _key(tenant: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer key-{tenant}"),)
 
 
-def _field_of(error: grpc.RpcError) -> list[str]:
-    bad = error_details_pb2.BadRequest()
-    status = rpc_status.from_call(error)
-    assert status is not None, error.details()
-    assert any(d.Unpack(bad) for d in status.details if d.Is(bad.DESCRIPTOR))
-    return [v.field for v in bad.field_violations]
-
-
 def test_upload_then_train_by_reference(env):
     settings, stub, registry, store = env
     images = [_png(1), _png(2), _jpeg()]
@@ -179,7 +172,7 @@ def test_bad_uploads_are_refused_by_field_and_leave_nothing(env, name, messages,
     with pytest.raises(grpc.RpcError) as e:
         stub.UploadImages(messages(good), metadata=_key("a"), timeout=30)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
-    assert _field_of(e.value) == [field], e.value.details()
+    assert bad_request_fields(e.value) == [field], e.value.details()
     assert e.value.details().startswith(f"{field}: ") and len(e.value.details()) < 400
     assert not store.exists(_digest(good)) and not registry.owns_blob("tenant-a", _digest(good))
     assert sorted(p.name for p in (Path(settings.store_url) / "sha256").iterdir()) == blobs
@@ -190,7 +183,7 @@ def test_an_empty_stream_is_invalid_argument(env):
     _, stub, *_ = env
     with pytest.raises(grpc.RpcError) as e:
         stub.UploadImages(iter([]), metadata=_key("a"), timeout=30)
-    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and _field_of(e.value) == ["images"]
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and bad_request_fields(e.value) == ["images"]
 
 
 def test_over_the_stored_bytes_quota_nothing_is_stored(env):

@@ -101,7 +101,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
                 return time.perf_counter()
 
             def end(context, started: float, failed: BaseException | None) -> None:
-                code = context.code() if hasattr(context, "code") else None
+                code = context.code()
                 if code is None or code == grpc.StatusCode.OK:
                     code = grpc.StatusCode.CANCELLED if isinstance(failed, GeneratorExit) else \
                         grpc.StatusCode.UNKNOWN if failed is not None else grpc.StatusCode.OK

@@ -63,9 +63,10 @@ def submit_decoupled(engine: Engine, requests: list) -> None:
     for request in requests:
         sender = request.get_response_sender()
         timeout_us = request.timeout() if hasattr(request, "timeout") else 0
-        span = _span(request)
+        params = _parameters(request)
+        span = _span(params)
         try:
-            future = engine.submit(_parse(request), time.monotonic() + timeout_us / 1e6 if timeout_us else None,
+            future = engine.submit(_parse(request, params), time.monotonic() + timeout_us / 1e6 if timeout_us else None,
                                    trace.set_span_in_context(span))
         except Exception as e:  # noqa: BLE001 - a request that cannot start still gets its one final answer
             future = Future()
@@ -73,9 +74,14 @@ def submit_decoupled(engine: Engine, requests: list) -> None:
         future.add_done_callback(lambda done, sender=sender, span=span: _answer(sender, done, span))
 
 
-def _span(request) -> Span:
+def _parameters(request) -> dict:
+    """The request's parameters: its GenerationRequest fields and the caller's ``traceparent``."""
+    return json.loads(request.parameters() or "{}")
+
+
+def _span(params: dict) -> Span:
     """The model's SERVER span of one request, continuing the caller's trace (the ``traceparent`` parameter)."""
-    traceparent = json.loads(request.parameters() or "{}").get(TRACEPARENT, "")
+    traceparent = params.get(TRACEPARENT, "")
     return tracer.start_span("stable_diffusion", context=context_from(traceparent if isinstance(traceparent, str)
                                                                         else ""), kind=SpanKind.SERVER)
 
@@ -122,10 +128,9 @@ def images_response(images: list[np.ndarray]):
     return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("IMAGES", pngs)])
 
 
-def _parse(request) -> GenerationRequest:
-    params = json.loads(request.parameters() or "{}")
-    params.pop(TRACEPARENT, None)  # trace context, not a field of the request (`_span`)
-    return GenerationRequest.from_parameters(_text(request, "PROMPT"), _text(request, "NEGATIVE_PROMPT"), params)
+def _parse(request, params: dict) -> GenerationRequest:
+    fields = {k: v for k, v in params.items() if k != TRACEPARENT}  # trace context is not a field (`_span`)
+    return GenerationRequest.from_parameters(_text(request, "PROMPT"), _text(request, "NEGATIVE_PROMPT"), fields)
 
 
 def respond(engine: Engine, requests: list, model: str) -> list:
@@ -136,10 +141,11 @@ def respond(engine: Engine, requests: list, model: str) -> list:
     """
     responses: list = [None] * len(requests)
     parsed: list[tuple[int, GenerationRequest]] = []
-    spans = [_span(request) for request in requests]
+    params = [_parameters(request) for request in requests]
+    spans = [_span(p) for p in params]
     for i, request in enumerate(requests):
         try:
-            parsed.append((i, _parse(request)))
+            parsed.append((i, _parse(request, params[i])))
         except CustomDiffError as e:
             responses[i] = error_response(e)
             _end(spans[i], e)

@@ -280,9 +280,8 @@ class Client:
 
         def messages() -> Iterator[trainer_service_pb2.UploadImagesRequest]:
             for data in images:
-                for start in range(0, max(len(data), 1), CHUNK_BYTES):
-                    yield trainer_service_pb2.UploadImagesRequest(
-                        data=data[start: start + CHUNK_BYTES], end_of_image=start + CHUNK_BYTES >= len(data))
+                for _, last, chunk in _chunks(data):
+                    yield trainer_service_pb2.UploadImagesRequest(data=chunk, end_of_image=last)
 
         return list(self._unary(self.trainer_stub.UploadImages, messages, timeout, retry=True).images)
 
@@ -313,9 +312,8 @@ class Client:
         def messages() -> Iterator[concept_service_pb2.ImportConceptRequest]:
             yield concept_service_pb2.ImportConceptRequest(header=header)
             for file_name, data in files.items():
-                for start in range(0, max(len(data), 1), CHUNK_BYTES):
-                    yield concept_service_pb2.ImportConceptRequest(file_name=file_name if start == 0 else "",
-                                                                   data=data[start: start + CHUNK_BYTES])
+                for first, _, chunk in _chunks(data):
+                    yield concept_service_pb2.ImportConceptRequest(file_name=file_name if first else "", data=chunk)
 
         return self._unary(self.concept_stub.ImportConcept, messages, timeout, retry=True).concept
 
@@ -371,6 +369,13 @@ class Client:
 
     def _follow_merger(self, job: merger_service_pb2.MergerJob) -> merger_service_pb2.MergerJob:
         return _follow(self.watch_merger_job(job.name), lambda e: e.merger_job, None)
+
+
+def _chunks(data: bytes) -> Iterator[tuple[bool, bool, bytes]]:
+    """`data` in messages of at most CHUNK_BYTES: (first, last, chunk); empty data is one empty chunk."""
+    starts = range(0, max(len(data), 1), CHUNK_BYTES)
+    for start in starts:
+        yield start == 0, start == starts[-1], data[start: start + CHUNK_BYTES]
 
 
 def _follow(stream, job_of, on_event):
