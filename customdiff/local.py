@@ -18,8 +18,10 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def start_serve(directory: Path, api_keys: str, **overrides: Any) -> tuple[subprocess.Popen, dict[str, int]]:
-    """Write a config under `directory` and run `customdiff serve` on it until it reports its ports.
+def start_serve(directory: Path, api_keys: str, only: tuple[str, ...] = (),
+                **overrides: Any) -> tuple[subprocess.Popen, dict[str, int]]:
+    """Write a config under `directory` and run `customdiff serve` (`--only` these components, if given)
+    on it until it reports its ports.
 
     Returns the process (stop it with terminate(); it exits 0) and the gRPC port of each service.
 
@@ -34,7 +36,8 @@ def start_serve(directory: Path, api_keys: str, **overrides: Any) -> tuple[subpr
     (directory / "config.yaml").write_text(json.dumps(config, indent=2))
     log = directory / "serve.log"
     with open(log, "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "customdiff", "serve", "--config", str(directory / "config.yaml")],
+        command = [sys.executable, "-m", "customdiff", "serve", "--config", str(directory / "config.yaml")]
+        proc = subprocess.Popen(command + [arg for c in only for arg in ("--only", c)],
                                 stdout=subprocess.PIPE, stderr=err, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     line = proc.stdout.readline()  # {"ports": ..., "triton": ...} once every component is ready
     if not line:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,12 +45,15 @@ class Stack:
 
 
 def resolve_base_model(settings: Settings) -> str:
-    """The configured base, or the tiny base built once under the work directory."""
+    """The configured base, or the tiny base built once next to the work directory (in the temp directory
+    when the work directory is on an object store: local trainers read it from there)."""
     if settings.base_model:
         return settings.base_model
+    from concepts.jobdir import is_remote
     from concepts.tiny import create_tiny_base
 
-    tiny = Path(settings.work_dir).parent / "tiny-base"
+    local = Path(tempfile.gettempdir()) / "customdiff" if is_remote(settings.work_dir) else Path(settings.work_dir).parent
+    tiny = local / "tiny-base"
     if not (tiny / "model_index.json").exists():
         log.info("no base_model configured: building the tiny base in %s", tiny)
         create_tiny_base(tiny)
@@ -98,7 +102,7 @@ def start_stack(settings: Settings, components: tuple[str, ...] = COMPONENTS, ba
             from services.merger.jobs import MergerJobs
             from services.merger.servicer import merger_service
 
-            merger_jobs = MergerJobs(registry, store, base)
+            merger_jobs = MergerJobs(registry, store, base, owner=settings.replica_id, lease_s=settings.job_lease_s)
             stack.closers.callback(merger_jobs.close)
             merger_jobs.recover()
             service, port = merger_service(registry, merger_jobs, quotas), settings.merger_port

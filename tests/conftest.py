@@ -7,11 +7,13 @@ import pwd
 import re
 import shutil
 import tempfile
+import uuid
 import warnings
 from pathlib import Path
 from typing import Iterator
 
 import pytest
+import sqlalchemy as sa
 import torch
 from grpc._server import _Context
 
@@ -34,6 +36,7 @@ _PATH = re.compile(r"(?:/[\w.@+-]+){2,}")
 _INTERNALS = re.compile(r"object at 0x[0-9a-f]+|<[\w.]+ object|Traceback \(most recent|"
                         r"\b(?:127\.\d+\.\d+\.\d+|localhost|0\.0\.0\.0|\[::1?\]):\d+")
 _STATUS_LEAKS: list[str] = []
+BUCKET = "customdiff-test"
 
 
 def server_internals(message: str) -> list[str]:
@@ -127,6 +130,47 @@ def postgres_server() -> Iterator[str]:
         if (data / "postmaster.pid").exists():
             pg_ctl(["-w", "-m", "immediate", "stop"], pgdata=data, timeout=60, **as_user)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture()
+def pg_url(postgres_server) -> Iterator[str]:
+    """A new, empty database on the session's server; dropped after the test."""
+    name = f"registry_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(postgres_server, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    yield postgres_server.rsplit("/", 1)[0] + f"/{name}"
+    with admin.connect() as c:
+        c.execute(sa.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A moto S3 server (one per test module) with the bucket BUCKET; the AWS_* environment, inherited by
+    subprocesses, points at it."""
+    import fsspec
+    from moto import server as moto_server
+
+    from customdiff.local import free_port
+
+    port = free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+           "CUSTOMDIFF_SCRATCH_DIR": str(tmp_path_factory.mktemp("scratch"))}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    fs.mkdir(BUCKET)
+    yield fs
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -157,16 +157,76 @@ def test_config_changes_roll_the_pods():
     assert checksum() == checksum() != checksum("config.maxImageBytes=1000")
 
 
-def test_external_database_url_comes_from_a_secret_not_the_config_map():
-    docs = render(None, "database.url=postgresql+psycopg://u:p@db:5432/cd", "inference.replicas=3")
+def test_external_database_url_comes_from_a_secret_and_lets_every_component_scale_out():
+    replicas = [f"{c}.replicas=3" for c in COMPONENTS]
+    docs = render(None, "database.url=postgresql+psycopg://u:p@db:5432/cd", *replicas)
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
     assert "database_url" not in find(docs, "ConfigMap")[0]["data"]["config.yaml"]
     [secret] = find(docs, "Secret")
     assert secret["stringData"]["database-url"] == "postgresql+psycopg://u:p@db:5432/cd"
-    [inference] = find(docs, "Deployment", "cd-customdiff-inference")
-    assert inference["spec"]["replicas"] == 3 and inference["spec"]["strategy"]["type"] == "RollingUpdate"
-    [container] = inference["spec"]["template"]["spec"]["containers"]
-    assert {"name": "CUSTOMDIFF_DATABASE_URL", "valueFrom": {"secretKeyRef": {
-        "name": "cd-customdiff-secrets", "key": "database-url"}}} in container["env"]
+    deployments = {component(d): d["spec"] for d in find(docs, "Deployment")}
+    assert {name: spec["replicas"] for name, spec in deployments.items()} == {c: 3 for c in COMPONENTS}
+    for name in SERVICES:  # trainer and merger replicas share their jobs through leases: pods may overlap
+        assert deployments[name]["strategy"]["type"] == "RollingUpdate", name
+        [container] = deployments[name]["template"]["spec"]["containers"]
+        assert {"name": "CUSTOMDIFF_DATABASE_URL", "valueFrom": {"secretKeyRef": {
+            "name": "cd-customdiff-secrets", "key": "database-url"}}} in container["env"]
+    assert {component(d): d["spec"]["strategy"]["type"] for d in find(render(), "Deployment")
+            if component(d) in SERVICES} == {c: "Recreate" for c in SERVICES}  # one SQLite writer at a time
+    # SQLite allows one replica of each service; Triton keeps no registry.
+    output = helm_fails(*replicas)
+    for name in SERVICES:
+        assert (f"- {name}.replicas: SQLite (database.url empty) allows 1 replica, got 3; "
+                "set database.url to a PostgreSQL URL") in output
+    assert "triton.replicas" not in output
+
+
+NO_PVC = ("database.url=postgresql+psycopg://u:p@db:5432/cd", "store.url=s3://ml/customdiff",
+          "store.workDirUrl=s3://ml/customdiff-jobs", "store.envFromSecret=customdiff-s3",
+          "persistence.enabled=false", "baseModel.existingClaim=sd-base")
+
+
+def test_without_persistence_no_pod_mounts_a_data_volume_and_jobs_live_on_the_object_store():
+    lint = helm("lint", "--strict", str(CHART), *(arg for item in NO_PVC for arg in ("--set", item)))
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    docs = render(None, *NO_PVC)
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+    assert not find(docs, "PersistentVolumeClaim")
+    base_claim = {"name": "base-model", "persistentVolumeClaim": {"claimName": "sd-base", "readOnly": True}}
+    for name, (_, spec, container) in pods(docs).items():
+        # The read-only base model is the only claim left (ReadOnlyMany will do).
+        assert [v for v in spec["volumes"] if "persistentVolumeClaim" in v] == [base_claim], name
+        assert "data" not in {m["name"] for m in container["volumeMounts"]}, name
+        # Every pod reads the store, Triton included.
+        assert container["envFrom"] == [{"secretRef": {"name": "customdiff-s3"}}], name
+    settings = settings_of(docs)
+    assert (settings.work_dir, settings.store_url, settings.kubernetes.store_pvc) == (
+        "s3://ml/customdiff-jobs", "s3://ml/customdiff", "")
+    work = f"{settings.work_dir}/x"
+    job = build_job(LaunchRequest("9" * 32, "alice/dog", f"{work}/spec.json", work, gpus_per_node=8, nodes=2),
+                    settings.kubernetes)
+    kubernetes_validate.validate(job, KUBE_VERSION, strict=True)
+    pod = job["spec"]["template"]["spec"]
+    assert [v for v in pod["volumes"] if "persistentVolumeClaim" in v] == [base_claim]
+    assert {"name": "scratch", "emptyDir": {}} in pod["volumes"]
+    assert pod["containers"][0]["envFrom"] == [{"secretRef": {"name": "customdiff-s3"}}]
+
+
+def test_without_persistence_sqlite_local_paths_and_the_tiny_base_are_refused():
+    output = helm_fails("persistence.enabled=false", "store.url=/data/store")
+    assert ("- persistence.enabled: false leaves SQLite no volume; set database.url (or "
+            "database.existingSecret) to a PostgreSQL URL") in output
+    assert ("- persistence.enabled: false needs store.url to be an object-store URL such as "
+            's3://bucket/customdiff, got "/data/store"') in output
+    assert ("- persistence.enabled: false needs store.workDirUrl, an object-store URL for job directories "
+            "such as s3://bucket/customdiff-jobs") in output
+    output = helm_fails("store.workDirUrl=s3://ml/jobs")
+    assert ("- store.workDirUrl: training pods must mount the base model; set baseModel.existingClaim (the "
+            "tiny test base is built beside local job directories only)") in output
+    assert "store.workDirUrl: Does not match pattern" in helm_fails("store.workDirUrl=/var/jobs", schema=True)
+    assert "persistence.enabled: Invalid type" in helm_fails("persistence.enabled=no", schema=True)
 
 
 def test_a_values_file_that_breaks_the_schema_is_rejected_by_lint():

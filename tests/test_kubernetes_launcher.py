@@ -138,6 +138,33 @@ def test_a_retried_pod_resumes_from_the_checkpoint_of_the_pod_that_died(request_
     assert KubernetesJobLauncher.retries_itself  # so the service does not resume the job a second time
 
 
+@pytest.mark.parametrize("nodes", [1, 3], ids=["one-node", "three-nodes"])
+def test_a_job_directory_on_s3_needs_no_pvc_and_is_copied_to_an_empty_dir(fake, make_launcher, nodes):
+    settings = dataclasses.replace(SETTINGS, store_pvc="", base_model_pvc="")
+    request = LaunchRequest("0d" * 16, "carol/dog", "s3://bucket/jobs/0d/spec.json", "s3://bucket/jobs/0d",
+                            gpus_per_node=2, nodes=nodes)
+    launcher, _ = make_launcher(settings)
+    launcher.launch(request)
+
+    [job] = sent(fake, "jobs")
+    kubernetes_validate.validate(job, KUBE_VERSION, strict=True)
+    pod_spec = job["spec"]["template"]["spec"]
+    assert pod_spec["volumes"] == [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "32Gi"}},
+                                   {"name": "scratch", "emptyDir": {}}]
+    [check], [trainer] = pod_spec["initContainers"], pod_spec["containers"]
+    for container in (check, trainer):  # both copy the job directory down, with the store's credentials
+        assert container["volumeMounts"] == [{"name": "dshm", "mountPath": "/dev/shm"},
+                                             {"name": "scratch", "mountPath": "/scratch"}]
+        assert {"name": "CUSTOMDIFF_SCRATCH_DIR", "value": "/scratch"} in container["env"]
+        assert container["envFrom"] == [{"secretRef": {"name": "store-credentials"}}]
+        assert container["workingDir"] == "/scratch"  # a URL is no directory to start in
+    assert check["command"] == ["python", "-m", "services.trainer.launchers.check_spec", request.spec_path]
+    assert trainer["command"][-3:] == ["trainer", "--spec", "s3://bucket/jobs/0d/spec.json"]
+    # Without the store volume a local job directory would be invisible to the pods: refused up front.
+    with pytest.raises(FailedPrecondition, match="kubernetes.store_pvc is empty"):
+        build_job(ONE_NODE, settings)
+
+
 def test_multi_node_indexed_job_and_headless_service_validate(fake, make_launcher):
     launcher, _ = make_launcher()
     launcher.launch(THREE_NODES)
@@ -498,3 +525,11 @@ def test_kueue_queue_and_priority_class_names_are_checked_at_load(kubernetes, fi
     with pytest.raises(InvalidArgument) as raised:
         Settings.from_dict({"kubernetes": kubernetes})
     assert raised.value.field == field
+
+
+def test_the_store_pvc_is_optional_but_when_set_needs_a_mount_path():
+    settings = Settings.from_dict({"kubernetes": {"store_pvc": "", "store_mount_path": ""}})
+    assert settings.kubernetes.store_pvc == ""
+    with pytest.raises(InvalidArgument) as raised:
+        Settings.from_dict({"kubernetes": {"store_mount_path": ""}})
+    assert raised.value.field == "kubernetes.store_mount_path"

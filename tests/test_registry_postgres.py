@@ -31,19 +31,6 @@ SPAWN = multiprocessing.get_context("spawn")
 WAIT_S = 60
 
 
-@pytest.fixture()
-def pg_url(postgres_server):
-    """A new, empty database on the session's server; dropped after the test."""
-    name = f"registry_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(postgres_server, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    yield postgres_server.rsplit("/", 1)[0] + f"/{name}"
-    with admin.connect() as c:
-        c.execute(sa.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
-    admin.dispose()
-
-
 @pytest.fixture(params=BACKENDS)
 def url(request, tmp_path):
     if request.param == "sqlite":
@@ -97,7 +84,7 @@ def test_migrations_build_every_table_from_empty_and_are_idempotent(registry):
     tables = set(sa.inspect(registry.engine).get_table_names())
     assert tables >= {"concepts", "jobs", "job_events", "blob_owners", "alembic_version"}
     with registry.engine.connect() as c:
-        assert c.execute(sa.text("SELECT version_num FROM alembic_version")).scalars().all() == ["0003"]
+        assert c.execute(sa.text("SELECT version_num FROM alembic_version")).scalars().all() == ["0004"]
     big = 5 * 1024**3  # sizes beyond 32 bits: a tenant's stored bytes, a large artifact
     registry.own_blobs("tenant-a", {"b" * 64: big})
     registry.add_concept("tenant-a", "dog", **dict(CONCEPT, size_bytes=big))
@@ -396,3 +383,39 @@ def test_a_watcher_sees_every_event_of_concurrent_writers(url):
     assert set(seen) == expected and len(seen) == len(expected)
     for r in (reg, writer):
         r.engine.dispose()
+
+
+def test_leases_are_taken_at_creation_renewed_and_claimed_once_expired(registry):
+    mine, _ = registry.create_job("tenant-a", "merge", "", "dog", {}, owner="r1", lease_s=0.5)
+    never, _ = registry.create_job("tenant-a", "merge", "", "cat", {})  # from before leases
+    done, _ = registry.create_job("tenant-a", "merge", "", "owl", {}, owner="r1", lease_s=0.5)
+    registry.update_job(done.id, state="failed")
+    assert (mine.owner, never.owner) == ("r1", None)
+    assert registry.claim_jobs(("merge",), "r2", 30) == []  # r1's lease holds; nobody claims an unleased job
+    assert registry.renew_leases(("merge",), "r1", 0.5) == {mine.id}  # its unfinished jobs only
+    time.sleep(0.6)  # r1 stops renewing: it died
+    assert [r.id for r in registry.claim_jobs(("merge",), "r2", 30)] == [mine.id]
+    assert registry.claim_jobs(("merge",), "r3", 30) == []  # taken: r2's lease holds now
+    assert registry.renew_leases(("merge",), "r1", 30) == set()  # r1, back from a pause, holds nothing
+    assert registry.get_job(mine.id).owner == "r2"
+    assert registry.events_after(mine.id, 0)[-1].log_line == \
+        "replica r2 took the job over from replica r1, whose lease expired"
+    # A starting replica takes its own jobs from before the restart and the unleased ones at once.
+    assert {r.id for r in registry.claim_jobs(("merge",), "r2", 30, starting=True)} == {mine.id, never.id}
+    assert registry.claim_jobs(("training",), "r2", 30, starting=True) == []  # other kinds are not its own
+    registry.release_leases(("merge",), "r2")  # a clean stop: the others claim at once
+    assert {r.id for r in registry.claim_jobs(("merge",), "r3", 30)} == {mine.id, never.id}
+
+
+@pytest.mark.postgres
+def test_replicas_claiming_together_take_disjoint_jobs(pg_url):
+    registries = [Registry(pg_url) for _ in range(4)]
+    registries[0].migrate()
+    jobs = {registries[0].create_job("tenant-a", "merge", "", f"c{i}", {}, owner="dead", lease_s=0)[0].id
+            for i in range(40)}
+    time.sleep(0.01)
+    claims = _in_threads(8, lambda i: registries[i % 4].claim_jobs(("merge",), f"r{i}", 30))
+    taken = [row.id for rows in claims for row in rows]
+    assert sorted(taken) == sorted(jobs)  # every job claimed, none twice
+    for reg in registries:
+        reg.engine.dispose()

@@ -12,38 +12,12 @@ import os
 from pathlib import Path
 
 import pytest
-from moto import server as moto_server
 
 from concepts.jobdir import JobDir, JobMirror, relocate
-from customdiff.local import free_port
-from tests.trainer_helpers import trainer_client, training_request
+from tests.trainer_helpers import job_dict, pattern_images, trainer_client, training_request
 
 pytestmark = pytest.mark.s3
-BUCKET = "customdiff-test"
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """A moto S3 server with one bucket; the AWS_* environment (inherited by subprocesses) points at it."""
-    import fsspec
-
-    port = free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-           "CUSTOMDIFF_SCRATCH_DIR": str(tmp_path_factory.mktemp("scratch"))}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    fs = fsspec.filesystem("s3", skip_instance_cache=True)
-    fs.mkdir(BUCKET)
-    yield fs
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    server.stop()
+from tests.conftest import BUCKET
 
 
 def test_job_dir_reads_appended_progress_from_an_offset_and_relocates_specs(s3, tmp_path):
@@ -92,6 +66,48 @@ def test_mirror_copies_down_uploads_outputs_and_deletes_removed_ones(s3):
     assert not remote.exists("checkpoint/state.pt") and not remote.exists("checkpoint/step")
     assert json.loads(remote.read_text("result.json")) == {"digest": "x"}
     assert not local.exists()
+
+
+def s3_job(tmp_path: Path, base_dir: Path, name: str, **spec: object) -> JobDir:
+    """A job directory on S3 as the service leaves it: two images and a spec naming them by URL."""
+    job = JobDir(f"s3://{BUCKET}/check/{name}")
+    for i, path in enumerate(pattern_images(tmp_path / name, count=2)):
+        job.write_bytes(f"concept0/{i:03d}.png", Path(path).read_bytes())
+    images = [job.url_of(f"concept0/{i:03d}.png") for i in range(2)]
+    data = job_dict(base_dir, tmp_path, images, store_url=f"s3://{BUCKET}/store", work_dir=job.url)
+    job.write_text("spec.json", json.dumps({**data, **spec}))
+    return job
+
+
+def test_check_spec_accepts_a_valid_spec_on_s3_and_leaves_no_trace(s3, tmp_path, tiny_base_dir):
+    from services.trainer.launchers import check_spec
+
+    job = s3_job(tmp_path, tiny_base_dir, "good")
+    before = job.files()
+    assert check_spec.main([job.url_of("spec.json")]) == 0
+    assert job.files() == before  # nothing uploaded
+    assert not list(Path(os.environ["CUSTOMDIFF_SCRATCH_DIR"]).glob("good.*"))  # the local copy is gone
+
+
+@pytest.mark.parametrize("spec, corrupt, needle", [
+    pytest.param({"surprise": 1}, None, "surprise: unknown key(s)", id="unknown-key"),
+    pytest.param({"hyperparameters": {"resolution": 100}}, None,
+                 "hyperparameters.resolution: must be a multiple", id="bad-field"),
+    pytest.param({}, "concept0/001.png", "concepts[0].images[1]: ", id="image-on-s3-not-an-image"),
+    pytest.param({}, "spec.json", "spec: cannot read job spec", id="spec-not-json"),
+])
+def test_check_spec_rejects_a_bad_spec_on_s3_naming_the_field(s3, tmp_path, tiny_base_dir, capsys, spec,
+                                                               corrupt, needle):
+    from services.trainer.launchers import check_spec
+    from services.trainer.launchers.job_manifest import EXIT_BAD_SPEC
+
+    job = s3_job(tmp_path, tiny_base_dir, "bad", **spec)
+    if corrupt:
+        job.write_bytes(corrupt, b"{not a png")
+    assert check_spec.main([job.url_of("spec.json")]) == EXIT_BAD_SPEC
+    err = capsys.readouterr().err
+    assert err.startswith(f"invalid job spec {job.url_of('spec.json')}: ") and needle in err, err
+    job.remove()
 
 
 @pytest.fixture

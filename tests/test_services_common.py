@@ -135,3 +135,18 @@ def test_stop_signals_catch_a_signal_sent_before_wait_and_many_at_once():
             "stop.wait(); print('drained')")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert (result.returncode, result.stdout.strip()) == (0, "drained"), result.stderr
+
+
+def test_with_no_base_model_the_tiny_base_is_built_locally_even_for_an_object_store_work_dir(tmp_path, monkeypatch):
+    import tempfile
+
+    from services.app import resolve_base_model
+
+    monkeypatch.chdir(tmp_path)  # a relative "s3:/..." directory made by mistake would land here
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    base = resolve_base_model(Settings(work_dir="s3://bucket/customdiff/jobs"))
+    assert base == str(tmp_path / "tmp" / "customdiff" / "tiny-base")
+    assert (tmp_path / "tmp" / "customdiff" / "tiny-base" / "model_index.json").exists()
+    assert not (tmp_path / "s3:").exists()
+    assert resolve_base_model(Settings(work_dir=str(tmp_path / "data" / "jobs"))) == str(tmp_path / "data" / "tiny-base")

@@ -17,9 +17,8 @@ import json
 import os
 import sys
 import traceback
-from pathlib import Path
 
-from concepts.errors import CustomDiffError, InvalidArgument
+from concepts.errors import CustomDiffError
 from concepts.tracing import OTLP_ENV, TRACEPARENT_ENV, configure_tracing, continued
 
 
@@ -34,41 +33,12 @@ def _error(work_dir: str | None, message: str) -> None:
     print(json.dumps({"event": "error", "message": message}), flush=True)
 
 
-def _open_remote(spec_url: str):
-    """Copy the job directory holding `spec_url` to local scratch; returns (mirror, local spec path).
-
-    The copy's spec names the copied inputs, and its class-image cache is the scratch root's (kept
-    across jobs on this machine, as a local work directory's parent is).
-    """
-    import posixpath
-
-    from concepts.jobdir import JobDir, JobMirror, relocate
-    from trainer.checkpoint import STEP_MARKER, step_marker
-
-    remote = JobDir(posixpath.dirname(spec_url))
-    mirror = JobMirror.open(remote, rank=int(os.environ.get("RANK", "0")), markers={STEP_MARKER: step_marker})
-    local_spec = mirror.local / posixpath.basename(spec_url)
-    data = relocate(_read_spec(str(local_spec)), remote.url, str(mirror.local))
-    data["class_image_cache_dir"] = str(mirror.local.parent / "class-images")
-    local_spec.write_text(json.dumps(data, indent=2))
-    return mirror, str(local_spec)
-
-
-def _read_spec(path: str) -> dict:
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise InvalidArgument("spec", f"cannot read job spec {path}: {e}") from None
-    if not isinstance(data, dict):
-        raise InvalidArgument("spec", f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer", description="Run one Custom Diffusion training job.")
     parser.add_argument("--spec", required=True, help="job spec JSON file (docs/job-spec.md)")
     args = parser.parse_args(argv)
     from concepts.jobdir import is_remote
+    from trainer.spec_file import open_remote, read_spec
 
     work_dir = None
     mirror = None
@@ -77,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         spec_path = args.spec
         if is_remote(spec_path):
             work_dir = spec_path.rsplit("/", 1)[0]  # where an error goes if the copy fails
-            mirror, spec_path = _open_remote(spec_path)
-        data = _read_spec(spec_path)
+            mirror, spec_path = open_remote(spec_path)
+        data = read_spec(spec_path)
         work_dir = data.get("work_dir") if isinstance(data.get("work_dir"), str) else None
         from trainer.job import run_job
         from trainer.spec import JobSpec

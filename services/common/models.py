@@ -60,6 +60,10 @@ class JobRow(Base):
     report: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     error_message: Mapped[str] = mapped_column(Text, default="")
     work_dir: Mapped[str] = mapped_column(Text, default="")
+    # The replica that runs the job and until when its lease holds (services/common/leases.py); no
+    # owner: no replica ever leased it (a row from before leases).
+    owner: Mapped[str | None] = mapped_column(String(253), nullable=True)
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     concept_id: Mapped[int | None] = mapped_column(ForeignKey("concepts.id", ondelete="SET NULL"), nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -15,7 +15,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import create_engine, event, func, select, text, union
+from sqlalchemy import create_engine, event, func, or_, select, text, union, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -209,15 +209,18 @@ class Registry:
     # Jobs ----------------------------------------------------------------------------------------
 
     def create_job(self, tenant: str, kind: str, request_id: str, concept_name: str, request: dict[str, Any],
-                   job_id: str | None = None, work_dir: str = "") -> tuple[JobRow, bool]:
-        """Record a queued job; with a known `request_id` return the first job instead (created=False)."""
+                   job_id: str | None = None, work_dir: str = "", owner: str | None = None,
+                   lease_s: float = 0.0) -> tuple[JobRow, bool]:
+        """Record a queued job, leased to `owner` for `lease_s` seconds; with a known `request_id` return the
+        first job instead (created=False)."""
         if request_id:
             existing = self.job_by_request_id(tenant, kind, request_id)
             if existing is not None:
                 return existing, False
         row = JobRow(id=job_id or uuid.uuid4().hex, tenant=tenant, kind=kind, state="queued",
                      request_id=request_id, concept_name=concept_name, request=request, progress={}, report={},
-                     error_message="", work_dir=work_dir)
+                     error_message="", work_dir=work_dir, owner=owner,
+                     lease_expires_at=utcnow() + dt.timedelta(seconds=lease_s) if owner else None)
         with self._session() as s:
             try:
                 s.add(row)
@@ -261,6 +264,55 @@ class Registry:
         with self._session() as s:
             return list(s.scalars(select(JobRow).where(JobRow.kind == kind, JobRow.state.not_in(TERMINAL_STATES))
                                   .order_by(JobRow.created_at)))
+
+    # Leases (services/common/leases.py) -----------------------------------------------------------
+
+    def claim_jobs(self, kinds: tuple[str, ...], owner: str, lease_s: float, starting: bool = False) -> list[JobRow]:
+        """Lease to `owner` the unfinished jobs of `kinds` that no live replica holds: those whose lease
+        expired and, when `owner` is `starting`, its own from before a restart and those never leased.
+
+        Rows another replica is claiming at the same moment are skipped (FOR UPDATE SKIP LOCKED on
+        PostgreSQL; SQLite has one writer at a time), so concurrent claims take disjoint jobs.
+        """
+        now = utcnow()
+        free = JobRow.lease_expires_at < now
+        if starting:
+            free = or_(free, JobRow.owner.is_(None), JobRow.owner == owner)
+        with self._session() as s:
+            rows = list(s.scalars(select(JobRow).where(JobRow.kind.in_(kinds), JobRow.state.not_in(TERMINAL_STATES),
+                                                       free).order_by(JobRow.created_at)
+                                  .with_for_update(skip_locked=True)))
+            for row in rows:
+                if row.owner not in (None, owner):
+                    s.add(JobEventRow(job_id=row.id, state=row.state,
+                                      log_line=f"replica {owner} took the job over from replica {row.owner}, "
+                                               "whose lease expired"))
+                row.owner, row.lease_expires_at = owner, now + dt.timedelta(seconds=lease_s)
+            s.commit()
+        if rows:
+            self._notify()
+        return rows
+
+    def renew_leases(self, kinds: tuple[str, ...], owner: str, lease_s: float) -> set[str]:
+        """Extend `owner`'s leases on its unfinished jobs of `kinds`; returns their ids (a job missing from
+        them ended, or was taken over after the lease expired: the owner must stop running it)."""
+        with self._session() as s:
+            ids = s.scalars(update(JobRow).where(JobRow.kind.in_(kinds), JobRow.owner == owner,
+                                                 JobRow.state.not_in(TERMINAL_STATES))
+                            .values(lease_expires_at=utcnow() + dt.timedelta(seconds=lease_s))
+                            .returning(JobRow.id).execution_options(synchronize_session=False)).all()
+            s.commit()
+        return set(ids)
+
+    def release_leases(self, kinds: tuple[str, ...], owner: str, job_id: str = "") -> None:
+        """End `owner`'s leases (on one job, or all) now: the next claim of any replica takes them."""
+        query = update(JobRow).where(JobRow.kind.in_(kinds), JobRow.owner == owner,
+                                     JobRow.state.not_in(TERMINAL_STATES))
+        if job_id:
+            query = query.where(JobRow.id == job_id)
+        with self._session() as s:
+            s.execute(query.values(lease_expires_at=utcnow()).execution_options(synchronize_session=False))
+            s.commit()
 
     def update_job(self, job_id: str, *, state: str | None = None, log_line: str = "", **fields: Any) -> JobRow:
         """Change a job's fields; a state change or a log line is also appended as an event.

@@ -37,7 +37,8 @@ class KubernetesSettings:
     tolerations: list[dict[str, Any]] = field(default_factory=list)
     # Per-pod resources besides GPUs, e.g. {"requests": {"cpu": "8", "memory": "64Gi"}}.
     resources: dict[str, Any] = field(default_factory=dict)
-    # PVC holding the artifact store and job work directories, mounted at `store_mount_path`.
+    # PVC holding the artifact store and job work directories, mounted at `store_mount_path`. Empty: no
+    # store volume; the work directories and the store are object-store URLs (credentials: env_from_secrets).
     store_pvc: str = "customdiff-store"
     store_mount_path: str = "/var/lib/customdiff"
     base_model_pvc: str = ""
@@ -71,9 +72,11 @@ class KubernetesSettings:
             raise InvalidArgument("kubernetes.backoff_limit", f"must be >= 0, got {self.backoff_limit}")
         if self.active_deadline_seconds <= 0:
             raise InvalidArgument("kubernetes.active_deadline_seconds", "must be > 0")
-        for name in ("namespace", "image", "store_pvc", "store_mount_path", "shm_size", "instance"):
+        for name in ("namespace", "image", "shm_size", "instance"):
             if not getattr(self, name):
                 raise InvalidArgument(f"kubernetes.{name}", "must not be empty")
+        if self.store_pvc and not self.store_mount_path:
+            raise InvalidArgument("kubernetes.store_mount_path", "must not be empty when store_pvc is set")
         if self.ttl_seconds_after_finished < 0:
             raise InvalidArgument("kubernetes.ttl_seconds_after_finished",
                                   f"must be >= 0, got {self.ttl_seconds_after_finished}")
@@ -161,6 +164,8 @@ class TrainerSettings:
     max_image_pixels: int
     image_decode_workers: int
     otlp_endpoint: str
+    replica_id: str
+    job_lease_s: float
 
 
 @dataclass(frozen=True)
@@ -200,6 +205,11 @@ class Settings:
     triton_model: str = "stable_diffusion"
     launcher: str = "local"
     max_concurrent_jobs: int = 1
+    # This replica's name in job leases (services/common/leases.py); empty: the host name (a pod's name).
+    replica_id: str = ""
+    # Seconds a replica's lease on its jobs lasts without renewal (renewed every third of it): how soon
+    # another replica adopts the jobs of one that died.
+    job_lease_s: float = 30.0
     max_message_bytes: int = 64 * 1024 * 1024
     max_images_per_concept: int = 64
     max_image_bytes: int = 16 * 1024 * 1024
@@ -239,6 +249,8 @@ class Settings:
             raise InvalidArgument("shutdown_grace_s", f"must be in 0..3600 seconds, got {self.shutdown_grace_s}")
         if self.log_format not in LOG_FORMATS:
             raise InvalidArgument("log_format", f"must be one of {LOG_FORMATS}, got {self.log_format!r}")
+        if not 1 <= self.job_lease_s <= 3600:
+            raise InvalidArgument("job_lease_s", f"must be in 1..3600 seconds, got {self.job_lease_s}")
         if not 0.1 <= self.metrics_refresh_s <= 3600:
             raise InvalidArgument("metrics_refresh_s", f"must be in 0.1..3600 seconds, got {self.metrics_refresh_s}")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):

@@ -1,7 +1,9 @@
 """Merge and compression jobs behind the MergerService, run in process on a worker thread.
 
-Jobs are recorded before they run; a restarted service re-runs the ones that had not finished (both
-operations are deterministic, so a re-run gives the same artifact and digest).
+Jobs are recorded, leased to this replica (`JobLeases`), before they run. A restarted replica re-runs
+its jobs that had not finished, and a live replica re-runs those of a replica that died: both
+operations are deterministic, so a re-run gives the same artifact and digest, and the registry
+registers it once.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from opentelemetry import trace
 from concepts.base import BaseModel, load_base
 from concepts.store import ArtifactStore
 from concepts.tracing import attached
+from services.common.leases import JobLeases, replica_id
 from services.common.logs import job_context
 from services.common.metrics import COMPRESS_SECONDS, MERGE_DRIFT, MERGE_RESIDUAL, MERGE_SECONDS
 from services.common.registry import Registry
@@ -50,30 +53,37 @@ class CompressRequest:
 
 
 class MergerJobs:
-    def __init__(self, registry: Registry, store: ArtifactStore, base_model: str, workers: int = 1) -> None:
+    def __init__(self, registry: Registry, store: ArtifactStore, base_model: str, workers: int = 1,
+                 owner: str = "", lease_s: float = 30.0) -> None:
         self.registry = registry
         self.store = store
         self.base_model = base_model
         self._base: BaseModel | None = None
         self._base_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="merger")
+        self.leases = JobLeases(registry, KINDS, replica_id(owner), lease_s, adopt=self._adopt)
 
     def submit(self, tenant: str, kind: str, request: MergeRequest | CompressRequest, request_json: dict[str, Any]):
         """Record the job (idempotent on request_id) and queue it; return (row, created)."""
         row, created = self.registry.create_job(tenant, kind, request.request_id, request.concept_name,
-                                                dict(request_json, _domain=asdict(request)))
+                                                dict(request_json, _domain=asdict(request)),
+                                                owner=self.leases.owner, lease_s=self.leases.lease_s)
         if created:  # the job's span continues this RPC's trace
             self._pool.submit(self._run, row.id, otel_context.get_current())
         return row, created
 
     def recover(self) -> None:
-        for kind in KINDS:
-            for row in self.registry.unfinished_jobs(kind):
-                log.info("re-running %s job %s after restart", kind, row.id)
-                self._pool.submit(self._run, row.id)
+        """Re-run this replica's jobs from before a restart, then keep its leases and re-run the jobs of
+        replicas that die."""
+        self.leases.start()
+
+    def _adopt(self, row) -> None:
+        log.info("re-running %s job %s", row.kind, row.id)
+        self._pool.submit(self._run, row.id)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self.leases.close()
 
     def base(self) -> BaseModel:
         with self._base_lock:

@@ -1,7 +1,9 @@
 """Training jobs behind the TrainerService: validate, store inputs, record, launch, follow, register.
 
 Thread model: RPC threads call `create`/`cancel`; the launcher calls `_on_launch_event` from its own
-threads; one follower thread tails every running job's `progress.jsonl` into the registry.
+threads; one follower thread tails every running job's `progress.jsonl` into the registry; the lease
+thread (`JobLeases`) adopts jobs. Only the replica that holds a job's lease follows it, handles its
+launcher events and resumes it; any replica answers RPCs about it.
 
 A training process that dies without a result and without reporting an error of its own (a signal,
 the OOM killer, the host or the service going down with it) is resumed from the checkpoint in its
@@ -36,6 +38,7 @@ from concepts.errors import InvalidArgument, NotFound, Unavailable
 from concepts.jobdir import JobDir, relocate
 from concepts.store import ArtifactStore
 from concepts.tracing import OTLP_ENV, TRACEPARENT_ENV, current_traceparent, trace_id_of
+from services.common.leases import JobLeases, replica_id
 from services.common.logs import job_context
 from services.common.metrics import LAUNCHER_ERRORS, TRAINING_LOSS, TRAINING_STEPS_PER_S
 from services.common.quotas import TenantQuotas
@@ -102,6 +105,8 @@ class TrainingJobs:
         self._offsets: dict[str, int] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self.leases = JobLeases(registry, (KIND,), replica_id(settings.replica_id), settings.job_lease_s,
+                                adopt=self._adopt, lost=self._lost)
         launcher.watch(self._on_launch_event)
         self._follower = threading.Thread(target=self._follow, daemon=True, name="progress-follower")
         self._follower.start()
@@ -134,7 +139,8 @@ class TrainingJobs:
                 self.quotas.check_training_jobs(tenant)
                 row, created = self.registry.create_job(tenant, KIND, request.request_id, request.concept_name,
                                                         request.request_json, job_id=job_id,
-                                                        work_dir=work.url)
+                                                        work_dir=work.url, owner=self.leases.owner,
+                                                        lease_s=self.leases.lease_s)
             if created:
                 work.upload(stage)  # nothing to do for a local job directory
         except BaseException:
@@ -191,22 +197,34 @@ class TrainingJobs:
         return self.registry.update_job(job_id, state="cancelled", log_line="cancelled by the user")
 
     def recover(self) -> None:
-        """After a restart: reattach running jobs, relaunch queued ones, record what ended meanwhile."""
-        for row in self.registry.unfinished_jobs(KIND):
-            if not row.work_dir or not JobDir(row.work_dir).exists("spec.json"):
-                self.registry.update_job(row.id, state="failed",
-                                         error_message="the service stopped before the job's inputs were saved")
-                continue
-            state, message = self.launcher.reattach(row.id, row.work_dir)
-            if state is LaunchState.PENDING:
-                self.launcher.launch(self._launch_request(row))
-            elif state.terminal:  # a FAILED process with a checkpoint is resumed there
-                self._on_launch_event(LaunchEvent(row.id, state, message))
-            log.info("recovered job %s: %s", row.id, state.value)
+        """Adopt this replica's jobs from before a restart, then keep its leases and adopt the jobs of
+        replicas that die (`JobLeases`)."""
+        self.leases.start()
+
+    def _adopt(self, row) -> None:
+        """Take a job over (after a restart, or from a dead replica): reattach it if it runs, launch it
+        if it never started, record how it ended if it ended meanwhile."""
+        if not row.work_dir or not JobDir(row.work_dir).exists("spec.json"):
+            self.registry.update_job(row.id, state="failed",
+                                     error_message="the service stopped before the job's inputs were saved")
+            return
+        state, message = self.launcher.reattach(row.id, row.work_dir)
+        if state is LaunchState.PENDING:
+            self.launcher.launch(self._launch_request(row))
+        elif state.terminal:  # a FAILED process with a checkpoint is resumed there
+            self._on_launch_event(LaunchEvent(row.id, state, message))
+        log.info("adopted job %s: %s", row.id, state.value)
+
+    def _lost(self, job_id: str) -> None:
+        """A job this replica ran is no longer its own: stop its process if it was cancelled (maybe through
+        another replica, whose launcher cannot reach a process of this one)."""
+        if self.registry.get_job(job_id).state == "cancelled":
+            self.launcher.cancel(job_id)
 
     def close(self) -> None:
         self._stop.set()
         self._decoder.shutdown(wait=False, cancel_futures=True)
+        self.leases.close()
         self.launcher.close()
 
     @staticmethod
@@ -257,6 +275,8 @@ class TrainingJobs:
             row = self.registry.get_job(event.job_id)
         except NotFound:
             return
+        if not self.leases.owns(row):  # another replica runs it (a Kubernetes launcher sees every Job)
+            return
         with job_context(row.id, self._trace_id(row)):
             self._on_event(row, event)
         if event.state.terminal:
@@ -302,7 +322,7 @@ class TrainingJobs:
     def _follow(self) -> None:
         while not self._stop.wait(FOLLOW_INTERVAL_S):
             for row in self.registry.unfinished_jobs(KIND):
-                if row.state == "running":
+                if row.state == "running" and self.leases.owns(row):
                     self._tail(row)
 
     def _tail(self, row) -> None:

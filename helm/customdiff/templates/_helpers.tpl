@@ -98,7 +98,7 @@ inference_port: {{ .Values.inference.port }}
 database_url: {{ printf "sqlite:///%s/registry.db" $mount | quote }}
 {{- end }}
 store_url: {{ include "customdiff.storeUrl" . | quote }}
-work_dir: {{ printf "%s/jobs" $mount | quote }}
+work_dir: {{ default (printf "%s/jobs" $mount) .Values.store.workDirUrl | quote }}
 {{- if .Values.baseModel.existingClaim }}
 base_model: {{ include "customdiff.baseModel" . | quote }}
 {{- end }}
@@ -139,7 +139,7 @@ kubernetes:
   node_selector: {{ toJson $jobs.nodeSelector }}
   tolerations: {{ toJson $jobs.tolerations }}
   resources: {{ toJson $jobs.resources }}
-  store_pvc: {{ include "customdiff.dataClaim" . | quote }}
+  store_pvc: {{ if .Values.persistence.enabled }}{{ include "customdiff.dataClaim" . | quote }}{{ else }}""{{ end }}
   store_mount_path: {{ $mount | quote }}
   base_model_pvc: {{ .Values.baseModel.existingClaim | quote }}
   base_model_mount_path: {{ .Values.baseModel.mountPath | quote }}
@@ -156,7 +156,8 @@ kubernetes:
   tenant_priority_classes: {{ toJson $jobs.tenantPriorityClasses }}
 {{- end }}
 
-{{/* Volumes every customdiff pod mounts: config, API keys, TLS (and the client CA), data, base model, /tmp. */}}
+{{/* Volumes every customdiff pod mounts: config, API keys, TLS (and the client CA), data (unless
+     persistence is off), base model, /tmp. */}}
 {{- define "customdiff.serviceVolumes" -}}
 - name: config
   configMap:
@@ -180,9 +181,11 @@ kubernetes:
       - key: {{ $.Values.tls.clientCaKey }}
         path: {{ $.Values.tls.clientCaKey }}
 {{- end }}
+{{- if .Values.persistence.enabled }}
 - name: data
   persistentVolumeClaim:
     claimName: {{ include "customdiff.dataClaim" . }}
+{{- end }}
 {{- with .Values.baseModel.existingClaim }}
 - name: base-model
   persistentVolumeClaim:
@@ -205,6 +208,20 @@ kubernetes:
 {{- if .Values.inference.autoscaling.enabled }}
 {{- $errors = append $errors "inference.autoscaling.enabled: SQLite (database.url empty) allows 1 replica; set database.url to a PostgreSQL URL" }}
 {{- end }}
+{{- end }}
+{{- if not .Values.persistence.enabled }}
+{{- if include "customdiff.sqlite" . }}
+{{- $errors = append $errors "persistence.enabled: false leaves SQLite no volume; set database.url (or database.existingSecret) to a PostgreSQL URL" }}
+{{- end }}
+{{- if not (contains "://" .Values.store.url) }}
+{{- $errors = append $errors (printf "persistence.enabled: false needs store.url to be an object-store URL such as s3://bucket/customdiff, got %q" .Values.store.url) }}
+{{- end }}
+{{- if not .Values.store.workDirUrl }}
+{{- $errors = append $errors "persistence.enabled: false needs store.workDirUrl, an object-store URL for job directories such as s3://bucket/customdiff-jobs" }}
+{{- end }}
+{{- end }}
+{{- if and .Values.store.workDirUrl (not .Values.baseModel.existingClaim) }}
+{{- $errors = append $errors "store.workDirUrl: training pods must mount the base model; set baseModel.existingClaim (the tiny test base is built beside local job directories only)" }}
 {{- end }}
 {{- if and .Values.database.url .Values.database.existingSecret }}
 {{- $errors = append $errors "database: set url or existingSecret, not both" }}

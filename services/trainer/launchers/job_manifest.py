@@ -4,7 +4,10 @@ G GPUs on one node: a `batch/v1` Job with one pod running `torchrun --standalone
 N nodes: an Indexed Job (one pod per completion index) plus a headless Service that gives pod 0 a
 stable DNS name, `<job>-0.<job>`, for torchrun's c10d rendezvous. With a Kueue queue configured the
 Job is created suspended and labelled with the queue; Kueue starts it by unsuspending it, and the
-Service (not a Kueue workload) is created at once either way. Nothing here talks to a cluster.
+Service (not a Kueue workload) is created at once either way. A job directory on an object store
+(``s3://...``) needs no shared volume: the pods copy it to an emptyDir scratch volume and mirror their
+outputs back (`concepts.jobdir.JobMirror`), so the store PVC is then optional. Nothing here talks to
+a cluster.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ import copy
 import re
 from typing import Any
 
-from concepts.errors import InvalidArgument
+from concepts.errors import FailedPrecondition, InvalidArgument
+from concepts.jobdir import SCRATCH_ENV, is_remote
 from services.common.settings import KubernetesSettings
 from services.trainer.launcher import LaunchRequest
 
@@ -33,6 +37,8 @@ CHECK_CONTAINER = "check-spec"
 # podFailurePolicy then fails the Job at once instead of retrying a spec that can never work.
 EXIT_BAD_SPEC = 2
 GPU_RESOURCE = "nvidia.com/gpu"
+# The emptyDir a pod copies a remote job directory to (and runs in).
+SCRATCH_DIR = "/scratch"
 # Indexed pods are named `<job>-<index>` and their hostname must fit a 63-character DNS label.
 MAX_NAME_LEN = 52
 _JOB_ID = re.compile(r"^[a-z0-9]{1,32}$")
@@ -98,7 +104,12 @@ def build_job(request: LaunchRequest, settings: KubernetesSettings) -> dict[str,
 
     Raises:
         InvalidArgument: `nodes` < 1, `gpus_per_node` < 0, or a bad `job_id`.
+        FailedPrecondition: a local work directory without the store PVC that would hold it.
     """
+    if not settings.store_pvc and not is_remote(request.work_dir):
+        raise FailedPrecondition(f"job directory {request.work_dir} is a local path, but training pods "
+                                 "mount no store volume (kubernetes.store_pvc is empty); use an object-store "
+                                 "work_dir")
     if request.nodes < 1:
         raise InvalidArgument("nodes", f"must be >= 1, got {request.nodes}")
     if request.gpus_per_node < 0:
@@ -155,10 +166,13 @@ def build_service(request: LaunchRequest, settings: KubernetesSettings, job_uid:
 
 
 def _pod_spec(request: LaunchRequest, settings: KubernetesSettings, name: str) -> dict[str, Any]:
-    mounts, volumes = _storage(settings)
+    remote = is_remote(request.work_dir)
+    mounts, volumes = _storage(settings, scratch=remote)
     uid = settings.run_as_user
     base_env = [{"name": "PYTHONUNBUFFERED", "value": "1"},
                 {"name": "HF_HUB_OFFLINE", "value": "1"}]  # the base model comes from a volume, never a hub
+    if remote:  # the check and the trainer copy the job directory there
+        base_env.append({"name": SCRATCH_ENV, "value": SCRATCH_DIR})
     env = [*base_env, {"name": "CUSTOMDIFF_JOB_ID", "value": request.job_id},
            *({"name": k, "value": v} for k, v in sorted(request.env.items()))]
     if request.nodes > 1:
@@ -167,7 +181,7 @@ def _pod_spec(request: LaunchRequest, settings: KubernetesSettings, name: str) -
     common = {
         "image": settings.image,
         "imagePullPolicy": settings.image_pull_policy,
-        "workingDir": request.work_dir,
+        "workingDir": SCRATCH_DIR if remote else request.work_dir,
         "volumeMounts": mounts,
         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
         # A crash's last log lines become the termination message the launcher reports.
@@ -203,13 +217,19 @@ def _pod_spec(request: LaunchRequest, settings: KubernetesSettings, name: str) -
     return pod
 
 
-def _storage(settings: KubernetesSettings) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Volume mounts and volumes: the store PVC, the optional read-only base model PVC, /dev/shm."""
-    mounts = [{"name": "store", "mountPath": settings.store_mount_path},
-              {"name": "dshm", "mountPath": "/dev/shm"}]
-    volumes = [{"name": "store", "persistentVolumeClaim": {"claimName": settings.store_pvc}},
-               # DataLoader workers and NCCL exchange tensors through /dev/shm; the 64Mi default is too small.
-               {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": settings.shm_size}}]
+def _storage(settings: KubernetesSettings,
+             scratch: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Volume mounts and volumes: the store PVC (unless none is set), /dev/shm, the scratch emptyDir when
+    `scratch`, the optional read-only base model PVC."""
+    mounts = [{"name": "dshm", "mountPath": "/dev/shm"}]
+    # DataLoader workers and NCCL exchange tensors through /dev/shm; the 64Mi default is too small.
+    volumes = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": settings.shm_size}}]
+    if settings.store_pvc:
+        mounts.insert(0, {"name": "store", "mountPath": settings.store_mount_path})
+        volumes.insert(0, {"name": "store", "persistentVolumeClaim": {"claimName": settings.store_pvc}})
+    if scratch:
+        mounts.append({"name": "scratch", "mountPath": SCRATCH_DIR})
+        volumes.append({"name": "scratch", "emptyDir": {}})
     if settings.base_model_pvc:
         mounts.append({"name": "base-model", "mountPath": settings.base_model_mount_path, "readOnly": True})
         volumes.append({"name": "base-model",

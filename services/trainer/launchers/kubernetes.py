@@ -89,7 +89,8 @@ class KubernetesJobLauncher:
     """A `JobLauncher` that runs each training job as a Kubernetes Job in `settings.namespace`."""
 
     # The Job's backoffLimit reruns a failed pod, which resumes from the checkpoint in the job's work
-    # directory on the store volume; once the Job has failed, the service does not resume it again.
+    # directory (on the store volume or an object store); once the Job has failed, the service does not
+    # resume it again.
     retries_itself = True
 
     def __init__(self, batch: client.BatchV1Api, core: client.CoreV1Api, settings: KubernetesSettings,
