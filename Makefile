@@ -7,7 +7,7 @@ PROTOS  := $(wildcard proto/customdiffusion/v1/*.proto)
 GEN     := proto/gen/customdiffusion/v1/.stamp
 HELM    := .tools/bin/helm
 
-.PHONY: install proto test demo lint clean
+.PHONY: install proto test demo lint clean gpu-wheels
 
 install: $(STAMP) $(GEN) $(HELM)
 
@@ -47,6 +47,16 @@ demo: install
 
 lint: install
 	cd proto && ../$(VENV)/bin/buf lint
+
+# What a lent GPU machine lacks for benchmarks/gpu_suite.py (benchmarks/RESULTS.md, "When a GPU is lent"),
+# as wheels at the versions this venv runs; pure Python, so the machine's Python 3.12 takes them as they are.
+GPU_WHEELS := diffusers opentelemetry-api
+GPU_PINS = $(shell $(PY) -c 'import sys; from importlib.metadata import version; print(*(f"{d}=={version(d)}" for d in sys.argv[1:]))' $(GPU_WHEELS))
+gpu-wheels: $(STAMP)
+	rm -rf .gpu-wheels
+	$(PY) -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: --python-version 3.12 \
+		-d .gpu-wheels $(GPU_PINS)
+	du -ch .gpu-wheels/*.whl | tail -1
 
 clean:
 	rm -rf $(VENV) proto/gen demo-output

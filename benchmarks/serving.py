@@ -72,6 +72,7 @@ from engine.request import GenerationRequest
 
 N = 8
 RANK = 4
+MIX_STEPS = (20, 50)  # --arrivals: each request's steps, drawn 50/50
 
 
 def log(message: str) -> None:
@@ -129,11 +130,12 @@ def make_requests(digests: list[str | None], steps: int) -> list[GenerationReque
                               num_inference_steps=steps, seed=i) for i, d in enumerate(digests)]
 
 
-def diffusers_way(base_dir: Path, concepts: list[Concept], steps: int) -> Callable[[], None]:
+def diffusers_way(base_dir: Path, concepts: list[Concept], steps: int, device: str = "cpu",
+                  dtype: torch.dtype = torch.float32) -> Callable[[], None]:
     """Serving one request per concept with one pipeline: install the concept, generate, next (warmed up)."""
     from diffusers import StableDiffusionPipeline
 
-    base = load_base(base_dir)
+    base = load_base(base_dir, dtype=dtype, device=device)
     pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
                                    unet=base.unet, scheduler=base.scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
@@ -146,10 +148,11 @@ def diffusers_way(base_dir: Path, concepts: list[Concept], steps: int) -> Callab
         for i, concept in enumerate(concepts):
             with torch.no_grad():
                 for name, layer in layers.items():  # swap: back to the base, then this concept's deltas
-                    layer.weight.copy_(original[name] + concept.deltas[name].to_dense())
+                    layer.weight.copy_(original[name] + concept.deltas[name].to_dense().to(device, dtype))
                 new = [t for t in concept.tokens if t not in installed]
                 if new:
-                    add_tokens(base.tokenizer, base.text_encoder, tuple(new), concept.embeddings[:len(new)].float())
+                    add_tokens(base.tokenizer, base.text_encoder, tuple(new),
+                               concept.embeddings[:len(new)].to(device, dtype))
                     installed.update(new)
             pipe(f"photo of a <c{i}> dog", num_inference_steps=steps, generator=torch.Generator().manual_seed(i),
                  output_type="np")
@@ -232,8 +235,8 @@ def onnx_vs_torch(engine: Engine, base_dir: Path, store_url: str, digests: list[
 
 
 def mixed_arrivals(digests: list[str], rate: float, duration: float, seed: int = 0,
-                   ) -> list[tuple[float, GenerationRequest]]:
-    """Poisson arrival times over `duration` seconds at `rate`, each a 20- or 50-step request with one concept."""
+                   steps: tuple[int, ...] = MIX_STEPS) -> list[tuple[float, GenerationRequest]]:
+    """Poisson arrival times over `duration` seconds at `rate`: one concept each, its steps one of `steps`."""
     rng, now, out = random.Random(seed), 0.0, []
     while True:
         now += rng.expovariate(rate)
@@ -241,7 +244,7 @@ def mixed_arrivals(digests: list[str], rate: float, duration: float, seed: int =
             return out
         i = len(out)
         out.append((now, GenerationRequest(f"photo of a <c{i % N}> dog", concept_digests=(digests[i % N],),
-                                           num_inference_steps=rng.choice((20, 50)), seed=i)))
+                                           num_inference_steps=rng.choice(steps), seed=i)))
 
 
 def serve_request_level(engine: Engine, arrivals: list[tuple[float, GenerationRequest]],
@@ -281,18 +284,19 @@ def serve_step_level(engine: Engine, arrivals: list[tuple[float, GenerationReque
 
 
 def poisson(engine: Engine, digests: list[str], rate: float | None, load: float, duration: float,
-            clock: Callable[[], float], step_budget: int = N, seeds: int = 1) -> dict:
+            clock: Callable[[], float], step_budget: int = N, seeds: int = 1,
+            steps: tuple[int, ...] = MIX_STEPS) -> dict:
     """The --arrivals poisson benchmark: capacity first, then both batching modes at the same arrivals.
 
     `clock` advances the virtual time: this thread's CPU seconds on the CPU, else the wall clock. With
     `seeds` > 1, as many independent arrival sequences run through each mode and their latencies are
     pooled (a p95 of ~100 requests moves by 30% between sequences).
     """
-    full = [r for _, r in mixed_arrivals(digests, 1000.0, 1.0)[:N]]  # a full batch of the mix
+    full = [r for _, r in mixed_arrivals(digests, 1000.0, 1.0, 0, steps)[:N]]  # a full batch of the mix
     engine.generate_batch(full)  # warm: every concept cached
     capacity = N / min(seconds(lambda: engine.generate_batch(full), clock) for _ in range(2))
     rate = rate or load * capacity
-    sequences = [mixed_arrivals(digests, rate, duration, seed) for seed in range(seeds)]
+    sequences = [mixed_arrivals(digests, rate, duration, seed, steps) for seed in range(seeds)]
     requests = sum(len(a) for a in sequences)
     log(f"capacity {capacity:.2f} rps; offered {rate:.2f} rps ({rate / capacity:.0%}), {requests} requests")
     result = {"capacity_rps": capacity, "rate_rps": rate, "offered_load": rate / capacity, "requests": requests,
@@ -421,7 +425,7 @@ def main() -> None:
             print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}))
             return
         log("the diffusers way: warm-up")
-        diffusers = diffusers_way(base_dir, concepts, args.steps)
+        diffusers = diffusers_way(base_dir, concepts, args.steps, device)
         log(f"engine on {device}, {args.steps} steps, {args.rounds} rounds")
         engine = Engine.from_paths(base_dir, store.url, device=device)
         result = measure(engine.generate_batch, engine.generate, store, base, digests, args.steps, args.rounds,

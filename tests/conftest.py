@@ -145,10 +145,10 @@ def pg_url(postgres_server) -> Iterator[str]:
     admin.dispose()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def s3(tmp_path_factory):
-    """A moto S3 server (one per test module) with the bucket BUCKET; the AWS_* environment, inherited by
-    subprocesses, points at it."""
+    """A moto S3 server with the bucket BUCKET, one per session (fsspec caches its filesystems, endpoint
+    included); the AWS_* environment, inherited by subprocesses, points at it."""
     import fsspec
     from moto import server as moto_server
 
