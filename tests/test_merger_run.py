@@ -107,7 +107,11 @@ def test_merged_concept_holds_every_token_and_its_provenance(base, concepts, mer
     assert concept.base_fingerprint == base.fingerprint
     torch.testing.assert_close(concept.embeddings, torch.cat([c.embeddings for c in concepts[:2]]))
     assert set(concept.deltas) == set(kv_layers(base.unet))
-    assert all(d.rank is None for d in concept.deltas.values())
+    rank = int(report.summary["constraints"] - report.summary["duplicate_rows"])
+    for delta in concept.deltas.values():  # rank-m factors where they are smaller than the dense matrix
+        out_f, in_f = delta.shape
+        assert delta.rank == (rank if rank * (out_f + in_f) < out_f * in_f else None)
+    assert 0 < rank < 32
     assert concept.provenance == {
         "kind": "merge", "parents": [digest_of(concept_to_bytes(c)) for c in concepts[:2]],
         "ridge": report.summary["ridge"], "captions": len(default_captions()), "context_captions": 0,
@@ -211,3 +215,14 @@ def test_compress_concept_reports_ranks_errors_and_bytes(concepts):
     with pytest.raises(InvalidArgument) as err:
         compress_concept(concept, rank=2, energy=0.9)
     assert err.value.field == "target"
+
+
+def test_merged_factors_hold_the_closed_form_delta_exactly(base, concepts, merged_two, monkeypatch):
+    from merger import run
+
+    factored, _ = merged_two
+    monkeypatch.setattr(run, "_exact_deltas",
+                        lambda merged, rank: {n: LinearDelta(dense=d.to(torch.float32)) for n, d in merged.items()})
+    dense, _ = merge_concepts(base, concepts[:2])
+    for name, delta in dense.deltas.items():
+        torch.testing.assert_close(factored.deltas[name].to_dense(), delta.dense, rtol=1e-5, atol=1e-7)
