@@ -1,4 +1,14 @@
-"""A tiny Stable-Diffusion-architecture base, built from configs (no download), saved with `save_pretrained`."""
+"""Tiny Stable-Diffusion-architecture bases, built from configs (no download), saved with `save_pretrained`.
+
+Two families, shaped as the real ones differ (the code under test reads every difference from the
+saved configs, never from a family name):
+
+  sd15  SD-1.x: CLIP width 32 (768 in SD-1.5), quick-GELU, one head count for every block,
+        conv projections in and out of each transformer, PNDM predicting the noise ("epsilon").
+  sd2   SD-2.x (768-v): CLIP width 48 (OpenCLIP-H's 1024), GELU, padding with "!", a head count per
+        block (``attention_head_dim``), linear projections, upcast attention, DDIM predicting
+        the velocity ("v_prediction"), as stabilityai/stable-diffusion-2-1 ships.
+"""
 
 from __future__ import annotations
 
@@ -8,24 +18,40 @@ from pathlib import Path
 
 import torch
 
+from concepts.errors import InvalidArgument
 from concepts.tokenizer_files import write_clip_tokenizer_files
 
+FAMILIES = ("sd15", "sd2")
 HIDDEN = 32  # text-encoder width == UNet cross_attention_dim, as 768 is for SD-1.x
+HIDDEN_SD2 = 48  # as 1024 is for SD-2.x
+SD2_PAD_TOKEN = "!"  # SD-2.x's tokenizer pads with "!" (id 0), SD-1.x's with <|endoftext|>
 
 
-def create_tiny_base(directory: str | Path, seed: int = 0) -> Path:
+def create_tiny_base(directory: str | Path, seed: int = 0, family: str = "sd15") -> Path:
     """Write a diffusers Stable Diffusion directory that `StableDiffusionPipeline.from_pretrained` loads.
 
     The UNet has 7 cross-attention blocks (2 down, 1 mid, 4 up); the VAE downsamples by 8 like SD's,
-    so a 64x64 image is an 8x8x4 latent. The same seed always gives the same bytes.
+    so a 64x64 image is an 8x8x4 latent. The same seed and family always give the same bytes.
+
+    Args:
+        family: "sd15" (SD-1.x shaped) or "sd2" (SD-2.x shaped, v-prediction); see the module doc.
+
+    Raises:
+        InvalidArgument: an unknown family.
     """
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    if family not in FAMILIES:
+        raise InvalidArgument("family", f"must be one of {list(FAMILIES)}, got {family!r}")
+    sd2 = family == "sd2"
+    hidden = HIDDEN_SD2 if sd2 else HIDDEN
     out = Path(directory)
-    tokenizer = _tokenizer()
+    tokenizer = _tokenizer(pad_token=SD2_PAD_TOKEN if sd2 else None)
     vocab_size = len(tokenizer)
     torch.manual_seed(seed)
+    # SD-2.x: diffusers' `attention_head_dim` is the head count per block ((5, 10, 20, 20) there).
+    sd2_unet = {"attention_head_dim": (2, 4), "use_linear_projection": True, "upcast_attention": True}
     unet = UNet2DConditionModel(
         sample_size=8,
         in_channels=4,
@@ -34,9 +60,9 @@ def create_tiny_base(directory: str | Path, seed: int = 0) -> Path:
         block_out_channels=(32, 64),
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=HIDDEN,
-        attention_head_dim=8,
+        cross_attention_dim=hidden,
         norm_num_groups=8,
+        **(sd2_unet if sd2 else {"attention_head_dim": 8}),
     )
     vae = AutoencoderKL(
         in_channels=3,
@@ -51,36 +77,50 @@ def create_tiny_base(directory: str | Path, seed: int = 0) -> Path:
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=vocab_size,
-            hidden_size=HIDDEN,
-            intermediate_size=37,
+            hidden_size=hidden,
+            intermediate_size=96 if sd2 else 37,
             num_hidden_layers=2,
             num_attention_heads=4,
             max_position_embeddings=77,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
+            **({"hidden_act": "gelu"} if sd2 else {}),
         )
     )
-    scheduler = PNDMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
-    )
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=_scheduler(family),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.save_pretrained(out, safe_serialization=True)
-    write_clip_tokenizer_files(out / "tokenizer")  # CLIP's BPE files, as in a real SD-1.x directory
+    write_clip_tokenizer_files(out / "tokenizer")  # CLIP's BPE files, as in a real SD directory
     return out
 
 
-def _tokenizer():
-    """A CLIPTokenizer over the BPE files `write_clip_tokenizer_files` writes."""
+def _scheduler(family: str):
+    """The family's scheduler: SD-1.5's PNDM (epsilon), or SD-2.1's DDIM (v_prediction)."""
+    from diffusers import DDIMScheduler, PNDMScheduler
+
+    if family == "sd2":
+        return DDIMScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+            clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="v_prediction",
+        )
+    return PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
+    )
+
+
+def _tokenizer(pad_token: str | None = None):
+    """A CLIPTokenizer over the BPE files `write_clip_tokenizer_files` writes (padding with `pad_token`,
+    default CLIP's <|endoftext|>)."""
     from transformers import CLIPTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         write_clip_tokenizer_files(Path(tmp))
         vocab = json.loads((Path(tmp) / "vocab.json").read_text())
         merges = (Path(tmp) / "merges.txt").read_text(encoding="utf-8").splitlines()[1:]
+    pad = {"pad_token": pad_token} if pad_token else {}
     # transformers 5 builds a CLIPTokenizer from objects only with merges as a list of pairs.
-    return CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in merges], model_max_length=77)
+    return CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in merges], model_max_length=77, **pad)
