@@ -79,9 +79,9 @@ def dir_mb(path: Path) -> float:
 
 def stage_build(work: Path, family: str) -> dict[str, Any]:
     import torch
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
 
-    from concepts.tiny import _tokenizer
+    from concepts.tiny import _scheduler, _tokenizer
     from concepts.tokenizer_files import write_clip_tokenizer_files
     from engine.engine import Engine
     from train_throughput import sd15_base
@@ -90,10 +90,8 @@ def stage_build(work: Path, family: str) -> dict[str, Any]:
     tokenizer_dir = work / "tokenizer"
     write_clip_tokenizer_files(tokenizer_dir)
     parts = sd15_base(tokenizer_dir, torch.device("cpu"))
-    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              num_train_timesteps=1000, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)
     pipe = StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=_tokenizer(),
-                                   unet=parts.unet, scheduler=scheduler, safety_checker=None,
+                                   unet=parts.unet, scheduler=_scheduler(family), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.to(torch.float16)
     built = time.perf_counter()

@@ -162,7 +162,7 @@ def _exact_deltas(merged: dict[str, torch.Tensor], rank: int) -> dict[str, Linea
     deltas = {}
     for name, delta in merged.items():
         out_f, in_f = delta.shape
-        if 0 < rank < min(out_f, in_f) and rank * (out_f + in_f) < out_f * in_f:
+        if 0 < rank and rank * (out_f + in_f) < out_f * in_f:  # (so rank < min(out_f, in_f) too)
             up, down, _ = compress_delta_svd(delta, rank, None, None, torch.float32)
             deltas[name] = LinearDelta(up=up.contiguous(), down=down.contiguous())
         else:

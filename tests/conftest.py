@@ -173,6 +173,16 @@ def s3(tmp_path_factory):
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """torch on one thread for the module: two threads on two shared cores are several times slower than
+    one for the tiny base's tensors."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_base_dir(tmp_path_factory) -> Path:
     return create_tiny_base(tmp_path_factory.mktemp("tiny-base"), seed=0)

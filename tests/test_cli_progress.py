@@ -60,14 +60,6 @@ def test_a_stage_bar_names_each_stage(monkeypatch, capsys):
     assert "merge:" in err and "loading" in err and "2/2" in err
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_the_class_image_bar_reaches_its_total(tiny_base_dir, tmp_path, monkeypatch, capsys, one_thread):
     monkeypatch.setenv(PROGRESS_ENV, "1")
     ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))

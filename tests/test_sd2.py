@@ -50,13 +50,7 @@ PROMPT = "photo of a <new1> dog"
 OTHER_SCHEDULERS = {"euler": EulerDiscreteScheduler, "dpm_solver_multistep": DPMSolverMultistepScheduler}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two threads on two shared cores are slower than one for these tiny tensors.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import json
 import shutil
 
 import pytest
-import torch
 from PIL import Image
 
 from concepts.store import ArtifactStore
@@ -14,12 +13,7 @@ from customdiff.__main__ import main
 from tests.trainer_helpers import pattern_images
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_customdiff_train_stores_an_artifact(tiny_base_dir, tmp_path, capsys, monkeypatch):

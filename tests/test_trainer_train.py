@@ -19,13 +19,7 @@ from trainer.tokens import TokenRows, add_modifier_tokens
 ATTN2 = ("attn2.to_q.weight", "attn2.to_k.weight", "attn2.to_v.weight", "attn2.to_out.0.weight")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two threads on two shared cores are several times slower than one for these tiny tensors.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(d: dict) -> tuple:

@@ -78,8 +78,7 @@ class MergerJobs:
         self.leases.start()
 
     def _adopt(self, row) -> None:
-        log.info("re-running %s job %s", row.kind, row.id)
-        self._pool.submit(self._run, row.id)
+        self._pool.submit(self._run, row.id)  # (JobLeases logs the adoption)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
