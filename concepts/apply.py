@@ -42,8 +42,10 @@ def add_tokens(tokenizer, text_encoder: nn.Module, tokens: tuple[str, ...], embe
 
 
 def apply_concepts(unet: nn.Module, text_encoder: nn.Module, tokenizer, concepts: list[Concept],
-                   weights: Sequence[float] | None = None) -> None:
-    """Add each concept's deltas into `unet` in place and its tokens into `tokenizer`/`text_encoder`.
+                   weights: Sequence[float] | None = None, text_encoder_2: nn.Module | None = None,
+                   tokenizer_2=None) -> None:
+    """Add each concept's deltas into `unet` in place and its tokens into `tokenizer`/`text_encoder`
+    (and its second rows into `tokenizer_2`/`text_encoder_2`, SDXL's second pair).
 
     Args:
         weights: per concept, the factor on its deltas (``W0 + w Δ``; a request's concept weight);
@@ -68,6 +70,10 @@ def apply_concepts(unet: nn.Module, text_encoder: nn.Module, tokenizer, concepts
                 weight = modules[name].weight
                 weight += (scale * delta.to_dense(torch.float32)).to(weight.device, weight.dtype)
         add_tokens(tokenizer, text_encoder, concept.tokens, concept.embeddings)
+        if text_encoder_2 is not None:
+            if concept.embeddings_2 is None:
+                raise InvalidArgument("concept", "the base has two text encoders; the concept has rows for one")
+            add_tokens(tokenizer_2, text_encoder_2, concept.tokens, concept.embeddings_2)
 
 
 def extract_deltas(

@@ -4,7 +4,8 @@ Layout (see docs/artifact-format.md):
   tensors  ``kv.<module path>.delta``            dense delta W - W0, [out, in]
            ``kv.<module path>.up`` / ``.down``   low-rank factors, [out, r] and [r, in]
            ``tokens.embeddings``                 [n_tokens, hidden], row i belongs to tokens[i]
-  metadata format, format_version, base_fingerprint, tokens, class_words, ranks, dtype, provenance
+           ``tokens.embeddings_2``               [n_tokens, hidden_2], the second text encoder's (SDXL)
+  metadata format, format_version, base_fingerprint, family, tokens, class_words, ranks, dtype, provenance
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from safetensors.torch import save as st_save
 from concepts.errors import CorruptArtifact, InvalidArgument, quote
 
 FORMAT = "customdiff.concept"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the second text encoder's rows and the family; version 1 is still read
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,8 @@ class Concept:
         base_fingerprint: `concepts.base.base_fingerprint` of the base the deltas apply to.
         class_words: class word of each token's concept (e.g. "dog"); used by the merge captions.
         provenance: JSON-serializable facts about how the artifact was made.
+        embeddings_2: [len(tokens), hidden_2] rows of the base's second text encoder (SDXL), else None.
+        family: the base's model family (`concepts.base.family_of`); "" when unknown (version 1).
     """
 
     deltas: dict[str, LinearDelta]
@@ -82,21 +85,27 @@ class Concept:
     base_fingerprint: str
     class_words: tuple[str, ...] = ()
     provenance: dict[str, Any] = field(default_factory=dict)
+    embeddings_2: torch.Tensor | None = None
+    family: str = ""
 
     def __post_init__(self) -> None:
-        if self.embeddings.ndim != 2 or self.embeddings.shape[0] != len(self.tokens):
-            raise ValueError(
-                f"embeddings must be [len(tokens)={len(self.tokens)}, hidden], got {tuple(self.embeddings.shape)}"
-            )
+        for name, rows in (("embeddings", self.embeddings), ("embeddings_2", self.embeddings_2)):
+            if rows is not None and (rows.ndim != 2 or rows.shape[0] != len(self.tokens)):
+                raise ValueError(f"{name} must be [len(tokens)={len(self.tokens)}, hidden], got {tuple(rows.shape)}")
         if len(set(self.tokens)) != len(self.tokens):
             raise ValueError(f"tokens must be distinct, got {list(self.tokens)}")
         if self.class_words and len(self.class_words) != len(self.tokens):
             raise ValueError("class_words must have one entry per token")
 
     @property
+    def token_rows(self) -> tuple[torch.Tensor, ...]:
+        """The token embeddings per text encoder, in the base's order (`BaseModel.text_pairs`)."""
+        return (self.embeddings,) if self.embeddings_2 is None else (self.embeddings, self.embeddings_2)
+
+    @property
     def nbytes(self) -> int:
         """Bytes of tensor data (deltas and embeddings)."""
-        emb = self.embeddings.numel() * self.embeddings.element_size()
+        emb = sum(rows.numel() * rows.element_size() for rows in self.token_rows)
         return emb + sum(d.nbytes for d in self.deltas.values())
 
     def ranks(self) -> dict[str, int | None]:
@@ -105,8 +114,11 @@ class Concept:
 
 def concept_to_bytes(concept: Concept) -> bytes:
     """Serialize to safetensors bytes; the same concept always gives the same bytes."""
-    tensors: dict[str, torch.Tensor] = {"tokens.embeddings": concept.embeddings.detach().cpu().contiguous()}
-    dtypes = {str(concept.embeddings.dtype).removeprefix("torch.")}
+    tensors: dict[str, torch.Tensor] = {}
+    dtypes = set()
+    for key, rows in zip(_EMBEDDING_KEYS, concept.token_rows):
+        tensors[key] = rows.detach().cpu().contiguous()
+        dtypes.add(str(rows.dtype).removeprefix("torch."))
     for name, delta in concept.deltas.items():
         parts = {"delta": delta.dense} if delta.dense is not None else {"up": delta.up, "down": delta.down}
         for suffix, tensor in parts.items():
@@ -116,6 +128,7 @@ def concept_to_bytes(concept: Concept) -> bytes:
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
         "base_fingerprint": concept.base_fingerprint,
+        "family": concept.family,
         "tokens": json.dumps(list(concept.tokens)),
         "class_words": json.dumps(list(concept.class_words)),
         "ranks": json.dumps(concept.ranks(), sort_keys=True),
@@ -123,6 +136,9 @@ def concept_to_bytes(concept: Concept) -> bytes:
         "provenance": json.dumps(concept.provenance, sort_keys=True),
     }
     return _canonical(st_save(tensors, metadata=metadata))
+
+
+_EMBEDDING_KEYS = ("tokens.embeddings", "tokens.embeddings_2")
 
 
 def _canonical(data: bytes) -> bytes:
@@ -177,6 +193,8 @@ def concept_from_bytes(data: bytes, source: str = "<bytes>") -> Concept:
             base_fingerprint=metadata["base_fingerprint"],
             class_words=tuple(json.loads(metadata.get("class_words", "[]"))),
             provenance=json.loads(metadata.get("provenance", "{}")),
+            embeddings_2=tensors.get("tokens.embeddings_2"),
+            family=metadata.get("family", ""),
         )
     except (KeyError, ValueError) as e:
         raise CorruptArtifact(f"{source}: inconsistent artifact: {e}") from e

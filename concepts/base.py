@@ -18,7 +18,11 @@ CROSSATTN_SUFFIXES = ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"
 
 @dataclass
 class BaseModel:
-    """The components of a diffusers Stable Diffusion directory."""
+    """The components of a diffusers Stable Diffusion directory.
+
+    `text_encoder_2`/`tokenizer_2` are SDXL's second pair (None for one text encoder); `family` is
+    read from the directory's configs (`family_of`).
+    """
 
     path: Path
     unet: nn.Module
@@ -27,13 +31,36 @@ class BaseModel:
     tokenizer: object
     scheduler: object
     fingerprint: str
+    text_encoder_2: nn.Module | None = None
+    tokenizer_2: object = None
+    family: str = "sd1"
+    force_zeros_for_empty_prompt: bool = False  # SDXL: an empty negative prompt conditions on zeros
+
+    @property
+    def text_pairs(self) -> list[tuple[object, nn.Module]]:
+        """(tokenizer, text encoder) of each text encoder, in the order their states are concatenated."""
+        pairs = [(self.tokenizer, self.text_encoder)]
+        if self.text_encoder_2 is not None:
+            pairs.append((self.tokenizer_2, self.text_encoder_2))
+        return pairs
+
+
+def family_of(path: Path) -> str:
+    """"sdxl" when the directory names a second text encoder, "sd2" when its text encoder is OpenCLIP's
+    (GELU), else "sd1": read from `model_index.json` and the text encoder's config, never a model name."""
+    if "text_encoder_2" in json.loads((path / "model_index.json").read_text()):
+        return "sdxl"
+    act = json.loads((path / "text_encoder" / "config.json").read_text()).get("hidden_act")
+    return "sd2" if act == "gelu" else "sd1"
 
 
 def check_base_dir(path: str | Path, field: str = "base") -> Path:
     """Raise `InvalidArgument` unless `path` is a diffusers Stable Diffusion directory."""
     p = Path(path)
-    missing = [c for c in ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler")
-               if not (p / c).exists()]
+    components = ["model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler"]
+    if (p / "model_index.json").exists() and "text_encoder_2" in json.loads((p / "model_index.json").read_text()):
+        components += ["text_encoder_2", "tokenizer_2"]
+    missing = [c for c in components if not (p / c).exists()]
     if missing:
         raise InvalidArgument(
             field, f"{p} is not a diffusers Stable Diffusion directory (missing {', '.join(missing)})"
@@ -42,19 +69,28 @@ def check_base_dir(path: str | Path, field: str = "base") -> Path:
 
 
 def load_base(path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> BaseModel:
-    """Load every component with `from_pretrained(dir/<component>)`, as for a real SD-1.x/2.x directory."""
+    """Load every component with `from_pretrained(dir/<component>)`, as for a real SD-1.x/2.x/XL directory."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     p = check_base_dir(path)
+    family = family_of(p)
     unet = UNet2DConditionModel.from_pretrained(p / "unet", torch_dtype=dtype).to(device).eval()
     vae = AutoencoderKL.from_pretrained(p / "vae", torch_dtype=dtype).to(device).eval()
     text_encoder = CLIPTextModel.from_pretrained(p / "text_encoder", torch_dtype=dtype).to(device).eval()
     tokenizer = CLIPTokenizer.from_pretrained(p / "tokenizer")
+    text_encoder_2 = tokenizer_2 = None
+    if family == "sdxl":
+        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+            p / "text_encoder_2", torch_dtype=dtype).to(device).eval()
+        tokenizer_2 = CLIPTokenizer.from_pretrained(p / "tokenizer_2")
     scheduler = load_scheduler(p)
-    for module in (unet, vae, text_encoder):
-        module.requires_grad_(False)
-    return BaseModel(p, unet, vae, text_encoder, tokenizer, scheduler, base_fingerprint(unet, tokenizer))
+    for module in (unet, vae, text_encoder, text_encoder_2):
+        if module is not None:
+            module.requires_grad_(False)
+    zeros = bool(json.loads((p / "model_index.json").read_text()).get("force_zeros_for_empty_prompt", False))
+    return BaseModel(p, unet, vae, text_encoder, tokenizer, scheduler, base_fingerprint(unet, tokenizer),
+                     text_encoder_2, tokenizer_2, family, zeros)
 
 
 def load_scheduler(path: Path):

@@ -4,10 +4,14 @@ diffusers (examples/custom_diffusion/train_custom_diffusion.py):
   ``pytorch_custom_diffusion_weights.safetensors``  ``<attn2 processor>.to_k_custom_diffusion.weight`` and
       ``.to_v_custom_diffusion.weight``, FULL weights [out, in]; with ``--freeze_model crossattn`` also
       ``.to_q_custom_diffusion.weight`` and ``.to_out_custom_diffusion.0.weight`` / ``.bias``
-  ``<token>.safetensors``                            ``{token: [hidden]}``
+  ``<token>.safetensors``                            ``{token: [hidden]}``; for a base with two text
+      encoders (SDXL) ``{"clip_l": [1, hidden], "clip_g": [1, hidden_2]}``, the SDXL textual-inversion
+      layout: diffusers' `load_textual_inversion` takes each key with its ``text_encoder``/``tokenizer``
 original repo (adobe-research/custom-diffusion):
   ``delta.bin``           ``{"unet": {diffusers parameter name: full weight},
-                           "modifier_token": {token: [hidden]}}``
+                           "modifier_token": {token: [hidden]}}``; SDXL (src/diffusers_training_sdxl.py,
+                          `CustomDiffusionXLPipeline.save_pretrained`): the UNet's own parameter names too,
+                          and ``{token: [[hidden], [hidden_2]]}``, a row per text encoder
   ``delta_epoch=N.ckpt``  ``{"state_dict": {LDM parameter name: full weight, "embed": [n_tokens, hidden]}}``
   Either may be compressed (src/compress.py): a K/V entry is then the delta ``{"u": [out, r], "v": [r, in]}``.
 """
@@ -42,6 +46,7 @@ _PROCESSOR_PARAMS = {
     "to_out.0": "to_out_custom_diffusion.0",
 }
 _LDM_UNET = "model.diffusion_model."
+SDXL_TOKEN_KEYS = ("clip_l", "clip_g")  # a token file's rows per text encoder, in the base's order
 
 # A file's parameters, normalized: key in the file -> (diffusers parameter name, full tensor or {"u", "v"}).
 Params = dict[str, tuple[str, Any]]
@@ -95,9 +100,12 @@ def export_diffusers(concept: Concept, base: BaseModel, out_dir: str | Path) -> 
     out.mkdir(parents=True, exist_ok=True)
     files = [out / WEIGHTS_NAME]
     save_file(diffusers_weights(concept, base.unet), files[0], metadata=_PT_METADATA)
-    for token, row in zip(concept.tokens, concept.embeddings):
+    sdxl = concept.embeddings_2 is not None
+    for i, token in enumerate(concept.tokens):
+        rows = [encoder_rows[i].detach().to("cpu", torch.float32).clone() for encoder_rows in concept.token_rows]
         files.append(out / f"{token}.safetensors")
-        save_file({token: row.detach().to("cpu", torch.float32).clone()}, files[-1], metadata=_PT_METADATA)
+        content = {key: row[None] for key, row in zip(SDXL_TOKEN_KEYS, rows)} if sdxl else {token: rows[0]}
+        save_file(content, files[-1], metadata=_PT_METADATA)
     return files
 
 
@@ -165,10 +173,11 @@ def import_concept(
     class_words = list(class_words or [])
     if class_words and len(class_words) != len(names):
         raise InvalidArgument("class_words", f"expected one per token {names}, got {class_words}")
+    embeddings = _embeddings(names, rows, base)
     return Concept(
         deltas=_deltas_against(params, base, files[0]),
         tokens=tuple(names),
-        embeddings=_embeddings(names, rows, base),
+        embeddings=embeddings[0],
         base_fingerprint=base.fingerprint,
         class_words=tuple(class_words),
         # File digests, not paths: importing the same files anywhere gives the same artifact.
@@ -177,26 +186,34 @@ def import_concept(
             "format": kind,
             "files": {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files},
         },
+        embeddings_2=embeddings[1] if len(embeddings) > 1 else None,
+        family=base.family,
     )
 
 
-def _embeddings(names: list[str], rows: list[tuple[Path, Any]], base: BaseModel) -> torch.Tensor:
-    """[len(names), hidden] float32 embeddings, checked against the base's vocabulary and width."""
+def _embeddings(names: list[str], rows: list[tuple[Path, Any]], base: BaseModel) -> list[torch.Tensor]:
+    """Per text encoder of the base, [len(names), hidden] float32 embeddings, checked against its vocabulary
+    and widths. Each of `rows` is a token's embedding, or a list of one per text encoder (SDXL)."""
     clashes = [t for t in names if t in base.tokenizer.get_vocab()]
     if clashes:
         raise InvalidArgument("tokens", f"{clashes} already exist in the base's vocabulary")
-    hidden = base.text_encoder.get_input_embeddings().weight.shape[1]
+    widths = [encoder.get_input_embeddings().weight.shape[1] for _, encoder in base.text_pairs]
+    per_token = []
     for token, (source, row) in zip(names, rows):
-        if not isinstance(row, torch.Tensor) or tuple(row.shape) != (hidden,):
-            shape = tuple(row.shape) if isinstance(row, torch.Tensor) else type(row).__name__
-            raise CorruptArtifact(f"{source}: embedding of {token!r} must be [{hidden}] here, got {shape}")
-    if not rows:
-        return torch.zeros(0, hidden)
-    return torch.stack([row.to(torch.float32) for _, row in rows]).contiguous()
+        parts = list(row) if isinstance(row, (list, tuple)) else [row]
+        shapes = [tuple(r.shape) if isinstance(r, torch.Tensor) else type(r).__name__ for r in parts]
+        if shapes != [(w,) for w in widths]:
+            expected = ", ".join(f"[{w}]" for w in widths)
+            shown = shapes if isinstance(row, (list, tuple)) else shapes[0]
+            raise CorruptArtifact(f"{source}: embedding of {token!r} must be {expected} here, got {shown}")
+        per_token.append(parts)
+    return [torch.stack([parts[i].to(torch.float32) for parts in per_token]).contiguous() if per_token
+            else torch.zeros(0, width) for i, width in enumerate(widths)]
 
 
 def _read_diffusers(path: Path, tokens: list[str] | None):
-    """(params, token names, [(file, embedding)], files read) of a diffusers Custom Diffusion output."""
+    """(params, token names, [(file, embedding or SDXL's [row, row_2])], files read) of a diffusers Custom
+    Diffusion output."""
     directory = path if path.is_dir() else path.parent
     candidates = [directory / WEIGHTS_NAME, directory / WEIGHTS_NAME_BIN] if path.is_dir() else [path]
     weights = next((c for c in candidates if c.is_file()), None)
@@ -227,14 +244,19 @@ def _read_diffusers(path: Path, tokens: list[str] | None):
     names, rows = [], []
     for file in token_files:
         content = _load(file)
-        if not isinstance(content, dict) or list(content) != [file.stem]:
-            keys = list(content) if isinstance(content, dict) else type(content).__name__
-            raise CorruptArtifact(
-                f"{file}: a token file holds exactly {{{file.stem!r}: embedding}}, got {keys}"
-            )
+        keys = sorted(content) if isinstance(content, dict) else type(content).__name__
+        if keys not in ([file.stem], sorted(SDXL_TOKEN_KEYS)):
+            raise CorruptArtifact(f"{file}: a token file holds exactly {{{file.stem!r}: embedding}} (or, for SDXL, "
+                                  f"{{'clip_l': [1, hidden], 'clip_g': [1, hidden_2]}}), got {keys}")
         names.append(file.stem)
-        rows.append((file, content[file.stem]))
+        rows.append((file, content[file.stem] if keys == [file.stem] else
+                     [_one_row(content[key]) for key in SDXL_TOKEN_KEYS]))
     return params, names, rows, [weights, *token_files]
+
+
+def _one_row(rows: Any) -> Any:
+    """An SDXL token file's [1, hidden] entry as [hidden] (anything else is left for `_embeddings` to refuse)."""
+    return rows[0] if isinstance(rows, torch.Tensor) and rows.ndim == 2 and rows.shape[0] == 1 else rows
 
 
 def _token_file(directory: Path, token: str) -> Path:

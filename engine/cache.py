@@ -10,6 +10,7 @@ Entries handed out stay valid after eviction (eviction only drops the cache's re
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -45,9 +46,8 @@ def concept_to(concept: Concept, device: torch.device | str, dtype: torch.dtype)
 
     deltas = {name: LinearDelta(dense=move(d.dense), up=move(d.up), down=move(d.down))
               for name, d in concept.deltas.items()}
-    return Concept(deltas=deltas, tokens=concept.tokens, embeddings=move(concept.embeddings),
-                   base_fingerprint=concept.base_fingerprint, class_words=concept.class_words,
-                   provenance=concept.provenance)
+    return dataclasses.replace(concept, deltas=deltas, embeddings=move(concept.embeddings),
+                               embeddings_2=move(concept.embeddings_2))
 
 
 class ConceptCache:

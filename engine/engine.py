@@ -36,7 +36,7 @@ from engine.onnx_unet import KVUNet, onnx_unet
 from engine.request import GenerationRequest
 from engine.schedulers import make_scheduler
 from engine.telemetry import EngineObserver, spans, tracer
-from engine.text import PromptEncoder, TokenizedPrompt
+from engine.text import PromptEncoder, TextConditioning, TokenizedPrompt
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,10 @@ class Engine:
         self._loop: StepLoop | None = None
         self._loop_lock = threading.Lock()
         self.layers = install_kv_processors(base.unet)
-        self.prompts = PromptEncoder(base.tokenizer, base.text_encoder)
+        self.prompts = PromptEncoder(base.text_pairs, zero_empty_negative=base.force_zeros_for_empty_prompt)
+        self.text_widths = [enc.get_input_embeddings().weight.shape[1] for _, enc in base.text_pairs]
+        if base.vae.dtype == torch.float16 and base.vae.config.get("force_upcast", False):
+            base.vae.to(torch.float32)  # as the pipelines upcast it to decode: SDXL's fp16 VAE overflows
         self.vae_scale_factor = 2 ** (len(base.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self.base_vocab = set(base.tokenizer.get_vocab())
@@ -136,8 +139,7 @@ class Engine:
         """
         check_base(concept, self.base.fingerprint, what=f"concept {digest}")
         wrong = [n for n, d in concept.deltas.items() if self.layer_shapes.get(n) != tuple(d.shape)]
-        hidden = self.base.text_encoder.get_input_embeddings().weight.shape[1]
-        if wrong or concept.embeddings.shape[1] != hidden:
+        if wrong or [rows.shape[1] for rows in concept.token_rows] != self.text_widths:
             raise CorruptArtifact(f"concept {digest}: deltas or embeddings do not fit this base ({wrong[:3]})")
         clashes = [t for t in concept.tokens if t in self.base_vocab]
         if clashes:
@@ -235,15 +237,15 @@ class Engine:
 
     def _resolve(self, request: GenerationRequest, context: Context | None) -> _Prepared:
         concepts = tuple(self.cache.get(d) for d in request.concept_digests)
-        embeddings: dict[str, torch.Tensor] = {}
+        embeddings: dict[str, tuple[torch.Tensor, ...]] = {}
         owner: dict[str, str] = {}
         for digest, concept in zip(request.concept_digests, concepts):
-            for token, embedding in zip(concept.tokens, concept.embeddings):
+            for i, token in enumerate(concept.tokens):
                 if token.lower() in owner:
                     raise InvalidArgument("concept_digests", f"concepts {owner[token.lower()]} and {digest} "
                                                              f"both define modifier token {token!r}")
                 owner[token.lower()] = digest
-                embeddings[token] = embedding
+                embeddings[token] = tuple(rows[i] for rows in concept.token_rows)
         with tracer.start_as_current_span("engine.tokenize"):
             cond = self.prompts.tokenize(request.prompt, embeddings, "prompt")
             uncond = self.prompts.tokenize(request.negative_prompt, embeddings, "negative_prompt") \
@@ -252,12 +254,12 @@ class Engine:
         return _Prepared(request, concepts, cond, uncond, request.height or default, request.width or default,
                          context or otel_context.get_current())
 
-    def encode(self, batch: list[_Prepared]) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]],
+    def encode(self, batch: list[_Prepared]) -> tuple[TextConditioning, dict[str, tuple[torch.Tensor, torch.Tensor]],
                                                      list[int], list[int | None]]:
         """The text rows of `batch` and their K/V: the one place concepts become K/V, for both batching modes.
 
         Returns:
-            text [rows, tokens, hidden]; K/V by layer (`compute_kv`); per request, its prompt's row and
+            text (states [rows, tokens, hidden], and SDXL's pooled rows); K/V by layer (`compute_kv`); per request, its prompt's row and
             its negative prompt's row (None without guidance).
         """
         texts, row_concepts, cond_row, uncond_row = [], [], [], []
@@ -270,7 +272,7 @@ class Engine:
                 texts.append(p.uncond)
                 row_concepts.append(p.concepts)
         text = self.prompts.encode(texts)
-        kv = compute_kv(self.layers, text, row_concepts,  # each row's concept weights, in the row order above
+        kv = compute_kv(self.layers, text.states, row_concepts,  # each row's concept weights, in the row order above
                         [p.request.weights for p in batch for _ in range(1 if p.uncond is None else 2)])
         return text, kv, cond_row, uncond_row
 
@@ -282,9 +284,19 @@ class Engine:
         return torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
                           for seed in seeds]).to(unet.device)
 
+    def added_conditions(self, text: TextConditioning, height: int, width: int) -> dict[str, torch.Tensor] | None:
+        """The UNet's `added_cond_kwargs` for `text`'s rows at one size: SDXL's pooled ``text_embeds`` and
+        ``time_ids`` (original size, crop top-left, target size: (h, w, 0, 0, h, w) as the pipeline's
+        defaults), or None for a UNet without added conditions."""
+        if text.pooled is None:
+            return None
+        ids = torch.tensor([height, width, 0, 0, height, width], dtype=text.states.dtype, device=text.states.device)
+        return {"text_embeds": text.pooled, "time_ids": ids.expand(text.states.shape[0], 6)}
+
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """Latents [n, 4, h, w] -> images [n, H, W, 3] float32 in [0, 1], as the pipeline's output_type="np"."""
-        images = self.base.vae.decode(latents / self.base.vae.config.scaling_factor, return_dict=False)[0]
+        vae = self.base.vae
+        images = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype), return_dict=False)[0]
         return self.image_processor.postprocess(images, output_type="np")
 
     @torch.inference_mode()
@@ -301,8 +313,10 @@ class Engine:
         # UNet rows as diffusers orders them: the unconditional rows (guided samples), then the conditional.
         rows = [uncond_row[samples[s][0]] for s in guided] + [cond_row[j] for j, _ in samples]
         rows_t = torch.tensor(rows, device=device)
-        kv_rows, text_rows = expand_kv(kv, rows_t), text.index_select(0, rows_t)
-        latents = self.initial_latents([seed for _, seed in samples], first.height, first.width, text.dtype)
+        kv_rows, text_rows = expand_kv(kv, rows_t), text.index_select(rows_t)
+        added = self.added_conditions(text_rows, first.height, first.width)
+        latents = self.initial_latents([seed for _, seed in samples], first.height, first.width,
+                                       text.states.dtype)
         scheduler = make_scheduler(self.base.scheduler, first.request.scheduler)
         scheduler.set_timesteps(first.request.num_inference_steps, device=device)
         latents = latents * scheduler.init_noise_sigma
@@ -310,7 +324,7 @@ class Engine:
         scale = torch.tensor([batch[samples[s][0]].request.guidance_scale for s in guided],
                              device=device, dtype=latents.dtype).view(-1, 1, 1, 1)
         # 2.3 Denoising loop; the K/V above serve every step (an exported UNet takes them as inputs).
-        step = self.unet_runner.bind(kv_rows) if self.unet_runner is not None else None
+        step = self.unet_runner.bind(kv_rows, added) if self.unet_runner is not None else None
         concepts = len({d for p in batch for d in p.request.concept_digests})
         with precomputed_kv(kv_rows), spans("engine.denoise", contexts):
             for t in scheduler.timesteps:
@@ -319,7 +333,8 @@ class Engine:
                 if step is not None:
                     noise = step(model_input, t)
                 else:
-                    noise = unet(model_input, t, encoder_hidden_states=text_rows, return_dict=False)[0]
+                    noise = unet(model_input, t, encoder_hidden_states=text_rows.states, added_cond_kwargs=added,
+                                 return_dict=False)[0]
                 uncond, cond = noise[: len(guided)], noise[len(guided):]
                 noise = cond.clone()
                 noise[guided_t] = uncond + scale * (cond[guided_t] - uncond)

@@ -33,10 +33,10 @@ from opentelemetry.trace import Span, Status, StatusCode
 
 from concepts.errors import CustomDiffError, DeadlineExceeded, Unavailable
 from engine.kv import expand_kv, precomputed_kv
-from engine.onnx_unet import pack_kv
 from engine.request import GenerationRequest
 from engine.schedulers import make_scheduler
 from engine.telemetry import spans, tracer
+from engine.text import TextConditioning
 
 if TYPE_CHECKING:
     from engine.engine import Engine, _Prepared
@@ -64,7 +64,7 @@ class _Running:
     scheduler: object
     latents: torch.Tensor  # [n, 4, h, w]
     kv: KV  # per UNet row of this request
-    text: torch.Tensor  # [rows, tokens, hidden], per UNet row
+    text: TextConditioning  # per UNet row
     serial: int = 0  # admission order, unique in the loop's life
     step: int = 0
     guided: bool = field(init=False)
@@ -104,7 +104,7 @@ class StepLoop:
         self._closed = False
         # Per latent size: the running requests' ids and their K/V and text rows concatenated (reused
         # while the group is unchanged; it changes only when a request joins or leaves).
-        self._rows: dict[tuple[int, ...], tuple[tuple[int, ...], KV, torch.Tensor]] = {}
+        self._rows: dict[tuple[int, ...], tuple[tuple[int, ...], KV, TextConditioning]] = {}
         self._serials = itertools.count()
 
     def submit(self, request: GenerationRequest, deadline: float | None = None, context: Context | None = None,
@@ -234,14 +234,15 @@ class StepLoop:
                 text, kv, (cond_row,), (uncond_row,) = engine.encode([p])
             n = request.num_images
             rows = torch.tensor(([uncond_row] * n if uncond_row is not None else []) + [cond_row] * n, device=device)
-            latents = engine.initial_latents([request.seed + i for i in range(n)], p.height, p.width, text.dtype)
+            latents = engine.initial_latents([request.seed + i for i in range(n)], p.height, p.width,
+                                             text.states.dtype)
             scheduler = make_scheduler(engine.base.scheduler, request.scheduler)
             scheduler.set_timesteps(request.num_inference_steps, device=device)
         except Exception as e:
             _fail(waiting, e)
             return
         self.running.append(_Running(waiting, scheduler, latents * scheduler.init_noise_sigma,
-                                     expand_kv(kv, rows), text.index_select(0, rows), next(self._serials)))
+                                     expand_kv(kv, rows), text.index_select(rows), next(self._serials)))
 
     @torch.inference_mode()
     def _denoise(self, group: list[_Running]) -> None:
@@ -261,12 +262,13 @@ class StepLoop:
         # 2. One UNet call over every row.
         runner = self.engine.unet_runner
         if runner is not None:
-            k, v = pack_kv(kv, runner.layout)
-            noise = runner.run({"sample": model_input, "timestep": t_rows.view(-1, 1).contiguous(), "k": k,
-                                "v": v}).to(model_input.dtype)
+            first = group[0].waiting.prepared
+            noise = runner.bind(kv, self.engine.added_conditions(text, first.height, first.width))(model_input, t_rows)
         else:
+            height, width = group[0].waiting.prepared.height, group[0].waiting.prepared.width
             with precomputed_kv(kv):
-                noise = unet(model_input, t_rows, encoder_hidden_states=text, return_dict=False)[0]
+                noise = unet(model_input, t_rows, encoder_hidden_states=text.states,
+                             added_cond_kwargs=self.engine.added_conditions(text, height, width), return_dict=False)[0]
         # 3. Guidance and the scheduler step, per request, exactly as the pipeline does for it.
         start = 0
         for r, rows in zip(group, inputs):
@@ -279,14 +281,14 @@ class StepLoop:
             r.latents = r.scheduler.step(own, t, r.latents, return_dict=False)[0]
             r.step += 1
 
-    def _group_rows(self, group: list[_Running]) -> tuple[KV, torch.Tensor]:
+    def _group_rows(self, group: list[_Running]) -> tuple[KV, TextConditioning]:
         """The K/V and text rows of `group`, in its order: concatenated when the group changed, else reused."""
         size, ids = tuple(group[0].latents.shape[1:]), tuple(r.serial for r in group)
         cached = self._rows.get(size)
         if cached is None or cached[0] != ids:
             kv = {path: (torch.cat([r.kv[path][0] for r in group]), torch.cat([r.kv[path][1] for r in group]))
                   for path in group[0].kv}
-            cached = self._rows[size] = (ids, kv, torch.cat([r.text for r in group]))
+            cached = self._rows[size] = (ids, kv, TextConditioning.cat([r.text for r in group]))
         return cached[1], cached[2]
 
     @torch.inference_mode()

@@ -7,8 +7,14 @@ how many cross-attention layers the base has (a Triton config fits any base):
                                    layer l's columns are its ``to_k``/``to_v`` output (head-major)
 
 `pack_kv` builds them from `kv.compute_kv`'s ``[rows, heads, tokens, head_dim]`` tensors, once per
-batch; `unpack_kv` is the graph's first step. The layout and the base fingerprint travel in the
-ONNX file's metadata, so a graph exported from another base is refused.
+batch; `unpack_kv` is the graph's first step. A UNet with added conditions (SDXL's
+``addition_embed_type="text_time"``) also takes them as inputs, one row per UNet row:
+
+    text_embeds [batch, pooled width]   the last text encoder's pooled, projected output
+    time_ids    [batch, 6]              original size, crop top-left, target size
+
+The layout, the added-condition inputs and the base fingerprint travel in the ONNX file's metadata,
+so a graph exported from another base is refused.
 """
 
 from __future__ import annotations
@@ -27,15 +33,21 @@ from concepts.errors import BaseMismatch, CorruptArtifact, InvalidArgument
 
 UNET_BACKENDS = ("torch", "onnxruntime")
 # Model names in a Triton repository and directories of `customdiff export-onnx`'s output.
-UNET, TEXT_ENCODER, VAE_DECODER = "unet", "text_encoder", "vae_decoder"
-# Each graph's one output.
+UNET, TEXT_ENCODER, TEXT_ENCODER_2, VAE_DECODER = "unet", "text_encoder", "text_encoder_2", "vae_decoder"
+# Each graph's one output (the text graphs of a two-encoder base have those below instead).
 OUTPUTS = {UNET: "noise_pred", TEXT_ENCODER: "last_hidden_state", VAE_DECODER: "image"}
+# The text graphs of a two-encoder base return the penultimate states, the last one its last hidden state too.
+PENULTIMATE = "penultimate_hidden_state"
+# Added conditions of a ``text_time`` UNet (SDXL), in the graph's input order.
+ADDED_CONDITIONS = ("text_embeds", "time_ids")
 GRAPH_FILE = "model.onnx"
 META_FINGERPRINT = "customdiff.base_fingerprint"
 META_LAYOUT = "customdiff.kv_layout"
+META_ADDED = "customdiff.added_conditions"
 
-# An exported graph called with named torch tensors, returning its one output.
-Run = Callable[[dict[str, torch.Tensor]], torch.Tensor]
+# An exported graph called with named torch tensors, returning its output (a tuple, in the graph's
+# order, when it has several).
+Run = Callable[[dict[str, torch.Tensor]], torch.Tensor | tuple[torch.Tensor, ...]]
 
 
 @dataclass(frozen=True)
@@ -102,6 +114,12 @@ def check_exported_unet(metadata: dict[str, str], fingerprint: str, source: str)
     return tuple(KVLayer(path, heads, head_dim) for path, heads, head_dim in layers)
 
 
+def exported_unet(run: Run, metadata: dict[str, str], fingerprint: str, source: str) -> KVUNet:
+    """The runner of an exported UNet whose metadata is `metadata` (`check_exported_unet`'s checks)."""
+    layout = check_exported_unet(metadata, fingerprint, source)
+    return KVUNet(run, layout, tuple(json.loads(metadata.get(META_ADDED, "[]"))))
+
+
 def read_metadata(path: str | Path) -> dict[str, str]:
     """An ONNX file's metadata, without reading its weights."""
     import onnx
@@ -116,24 +134,35 @@ class KVUNet:
     Args:
         run: the graph (`OrtModel`, or a Triton model called through BLS).
         layout: the graph's packed K/V layout (`check_exported_unet`).
+        added: the graph's added-condition inputs (`ADDED_CONDITIONS` for SDXL's UNet, else none).
     """
 
-    def __init__(self, run: Run, layout: tuple[KVLayer, ...]) -> None:
+    def __init__(self, run: Run, layout: tuple[KVLayer, ...], added: tuple[str, ...] = ()) -> None:
         self.run = run
         self.layout = layout
+        self.added = added
 
-    def bind(self, kv: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    def bind(self, kv: dict[str, tuple[torch.Tensor, torch.Tensor]], added: dict[str, torch.Tensor] | None = None,
              ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """A step function ``(sample [rows, 4, h, w], timestep []) -> noise [rows, 4, h, w]`` on these K/V.
+        """A step function ``(sample [rows, 4, h, w], timestep [] or [rows]) -> noise [rows, 4, h, w]`` on these
+        K/V and added conditions.
 
         Args:
             kv: layer path -> (K, V), each [rows, heads, tokens, head_dim], one row per UNet row.
+            added: the UNet's added conditions by name, one row per UNet row (`Engine.added_conditions`);
+                None for a graph without.
+
+        Raises:
+            ValueError: `added` names other inputs than the graph's added conditions.
         """
+        conditions = dict(added or {})
+        if sorted(conditions) != sorted(self.added):
+            raise ValueError(f"the exported UNet takes added conditions {list(self.added)}, got {sorted(conditions)}")
         k, v = pack_kv(kv, self.layout)
 
         def step(sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-            t = timestep.to(torch.float32).reshape(1, 1).expand(sample.shape[0], 1).contiguous()
-            return self.run({"sample": sample, "timestep": t, "k": k, "v": v}).to(sample.dtype)
+            t = timestep.to(torch.float32).reshape(-1, 1).expand(sample.shape[0], 1).contiguous()
+            return self.run({"sample": sample, "timestep": t, "k": k, "v": v, **conditions}).to(sample.dtype)
 
         return step
 
@@ -147,7 +176,7 @@ class OrtModel:
     """An exported graph in an onnxruntime session, called with torch tensors.
 
     Inputs already of the graph's dtype and on its device are bound in place (I/O binding, no copy);
-    the output comes back through host memory (it is small next to the K/V inputs).
+    the outputs come back through host memory (they are small next to the K/V inputs).
 
     Thread-safe: each call has its own binding; onnxruntime sessions may run concurrently.
 
@@ -166,11 +195,18 @@ class OrtModel:
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
         self.session = ort.InferenceSession(str(path), providers=providers)
         self.inputs = {i.name: _TORCH_DTYPES[i.type] for i in self.session.get_inputs()}
-        (self.output,) = [o.name for o in self.session.get_outputs()]
+        self.outputs = tuple(o.name for o in self.session.get_outputs())
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
 
-    def __call__(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The graph's output for `inputs` (every graph input by name), on `device`."""
+    @property
+    def output(self) -> str:
+        """The name of the graph's only output."""
+        (name,) = self.outputs
+        return name
+
+    def __call__(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """The graph's output for `inputs` (every graph input by name), on `device`; its outputs in order
+        when it has several."""
         if set(inputs) != set(self.inputs):
             raise ValueError(f"the graph takes {sorted(self.inputs)}, got {sorted(inputs)}")
         binding, device = self.session.io_binding(), self.run_device
@@ -179,11 +215,13 @@ class OrtModel:
         for name, tensor in zip(inputs, bound):
             binding.bind_input(name, device.type, device.index or 0, _NUMPY_DTYPES[tensor.dtype],
                                tuple(tensor.shape), tensor.data_ptr())
-        binding.bind_output(self.output, device.type, device.index or 0)
+        for name in self.outputs:
+            binding.bind_output(name, device.type, device.index or 0)
         if device.type == "cuda":  # torch's kernels are asynchronous; onnxruntime uses its own stream
             torch.cuda.current_stream(device).synchronize()
         self.session.run_with_iobinding(binding)
-        return torch.from_numpy(binding.copy_outputs_to_cpu()[0]).to(self.device)
+        outputs = tuple(torch.from_numpy(out).to(self.device) for out in binding.copy_outputs_to_cpu())
+        return outputs if len(outputs) > 1 else outputs[0]
 
 
 def onnx_unet(backend: str, path: str, base: BaseModel) -> KVUNet | None:
@@ -207,4 +245,4 @@ def onnx_unet(backend: str, path: str, base: BaseModel) -> KVUNet | None:
         raise InvalidArgument("unet_onnx", f"the onnxruntime backend needs the exported UNet "
                                            f"(`customdiff export-onnx`), got {path!r}")
     model = OrtModel(file, base.unet.device)
-    return KVUNet(model, check_exported_unet(model.metadata, base.fingerprint, str(file)))
+    return exported_unet(model, model.metadata, base.fingerprint, str(file))

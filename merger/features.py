@@ -7,6 +7,10 @@ up to and including the end token. For a concept's target captions ``<newi> <cla
 ``[:, 4:]``), so each caption gives the rows of ``<newi>``, the class word's tokens and the end token.
 Padding after the end token is never used: the encoder's causal mask makes every row independent of it.
 
+With two text encoders (SDXL) a row is what the UNet's cross-attention sees there: both encoders'
+penultimate hidden states concatenated (`StableDiffusionXLPipeline.encode_prompt`), each concept's
+tokens installed in both with their own rows.
+
 Optionally (`context_captions`) a concept also gets regularization captions that name its class word,
 with its token put before the word: the concept's rows in the contexts users prompt it in, not only
 after ``photo of a``. That matters where the text features are narrow (64 wide on the toy world's base,
@@ -59,65 +63,90 @@ def context_captions(captions: Iterable[str], token: str, class_word: str, limit
     return out
 
 
-@torch.no_grad()
-def encode_rows(tokenizer, text_encoder: nn.Module, captions: list[str],
-                first_ids: list[int | None]) -> torch.Tensor:
-    """Last-hidden-state rows of each caption, from its first position to its end token, stacked.
+def _pairs(tokenizer, text_encoder: nn.Module, tokenizer_2, text_encoder_2: nn.Module | None) -> list[tuple]:
+    return [(tokenizer, text_encoder)] + ([(tokenizer_2, text_encoder_2)] if text_encoder_2 is not None else [])
+
+
+def _encoder_rows(tokenizer, text_encoder: nn.Module, captions: list[str], first_tokens: list[str | None],
+                  penultimate: bool) -> list[torch.Tensor]:
+    """One encoder's rows of each caption, from its first position to its end token."""
+    batch = tokenizer(captions, padding="longest", truncation=True, max_length=tokenizer.model_max_length,
+                      return_tensors="pt")
+    device = next(text_encoder.parameters()).device
+    out = text_encoder(input_ids=batch.input_ids.to(device), output_hidden_states=penultimate)
+    hidden = (out.hidden_states[-2] if penultimate else out[0]).to("cpu", torch.float64)
+    rows = []
+    for i, length in enumerate(batch.attention_mask.sum(dim=1).tolist()):
+        ids = batch.input_ids[i, :length].tolist()
+        first = first_tokens[i]
+        start = ids.index(tokenizer.convert_tokens_to_ids(first)) if first is not None else 1
+        rows.append(hidden[i, start:length])
+    return rows
+
+
+def encode_rows(tokenizer, text_encoder: nn.Module, captions: list[str], first_tokens: list[str | None],
+                tokenizer_2=None, text_encoder_2: nn.Module | None = None) -> torch.Tensor:
+    """Rows of each caption, from its first position to its end token, stacked: one encoder's last
+    hidden state, or with a second encoder (SDXL) both encoders' penultimate states concatenated.
 
     Args:
         tokenizer: a CLIP tokenizer.
         text_encoder: the matching CLIPTextModel.
         captions: the texts.
-        first_ids: per caption, the token id whose first occurrence starts its rows, or None to start
+        first_tokens: per caption, the token whose first occurrence starts its rows, or None to start
             right after the start token.
+        tokenizer_2, text_encoder_2: SDXL's second pair, or None.
 
     Returns:
-        [rows, hidden] float64.
+        [rows, hidden] float64 (hidden: the widths summed with two encoders).
     """
+    return _rows(_pairs(tokenizer, text_encoder, tokenizer_2, text_encoder_2), captions, first_tokens)
+
+
+@torch.no_grad()
+def _rows(pairs: list[tuple], captions: list[str], first_tokens: list[str | None]) -> torch.Tensor:
+    """`encode_rows` with the (tokenizer, text encoder) pairs given."""
     rows = []
     for at in range(0, len(captions), _BATCH):
-        batch = tokenizer(captions[at : at + _BATCH], padding="longest", truncation=True,
-                          max_length=tokenizer.model_max_length, return_tensors="pt")
-        device = next(text_encoder.parameters()).device
-        hidden = text_encoder(input_ids=batch.input_ids.to(device))[0].to("cpu", torch.float64)
-        for i, length in enumerate(batch.attention_mask.sum(dim=1).tolist()):
-            ids = batch.input_ids[i, :length].tolist()
-            first_id = first_ids[at + i]
-            start = ids.index(first_id) if first_id is not None else 1
-            rows.append(hidden[i, start:length])
+        chunk, firsts = captions[at : at + _BATCH], first_tokens[at : at + _BATCH]
+        per_encoder = [_encoder_rows(tok, enc, chunk, firsts, len(pairs) > 1) for tok, enc in pairs]
+        rows.extend(torch.cat(parts, dim=-1) for parts in zip(*per_encoder))
     return torch.cat(rows)
 
 
-def regularization_features(tokenizer, text_encoder: nn.Module, captions: list[str]) -> torch.Tensor:
-    """C_reg: rows of every caption after its start token, [rows, hidden] float64."""
-    return encode_rows(tokenizer, text_encoder, captions, [None] * len(captions))
+def regularization_features(tokenizer, text_encoder: nn.Module, captions: list[str], tokenizer_2=None,
+                            text_encoder_2: nn.Module | None = None) -> torch.Tensor:
+    """C_reg: rows of every caption after its start token, [rows, hidden] float64 (`encode_rows`)."""
+    return encode_rows(tokenizer, text_encoder, captions, [None] * len(captions), tokenizer_2, text_encoder_2)
 
 
 def concept_features(tokenizer, text_encoder: nn.Module, concepts: list[Concept], contexts: Sequence[str] = (),
-                     per_token: int = 0) -> list[torch.Tensor]:
-    """C_i of each concept: its target captions' rows from the encoder with its token embeddings installed.
+                     per_token: int = 0, tokenizer_2=None,
+                     text_encoder_2: nn.Module | None = None) -> list[torch.Tensor]:
+    """C_i of each concept: its target captions' rows (`encode_rows`) from the encoders with its token
+    embeddings installed (each encoder its own rows: `Concept.token_rows`).
 
     With `per_token` > 0, each token's captions also include `context_captions(contexts, token, class
     word, per_token)`.
 
-    The tokenizer and encoder are copied, never changed. Token strings must be distinct across
+    The tokenizers and encoders are copied, never changed. Token strings must be distinct across
     `concepts` (rename clashes first); every concept's tokens are installed into one copy, which gives
     the same rows as one copy per concept because a caption only holds its own concept's tokens.
 
     Returns:
         per concept, [m_i, hidden] float64, m_i = rows of its 2 * len(tokens) captions.
     """
-    tokenizer = copy.deepcopy(tokenizer)
-    text_encoder = copy.deepcopy(text_encoder)
+    pairs = [copy.deepcopy(pair) for pair in _pairs(tokenizer, text_encoder, tokenizer_2, text_encoder_2)]
     for concept in concepts:
-        add_tokens(tokenizer, text_encoder, concept.tokens, concept.embeddings)
+        for (tok, enc), rows in zip(pairs, concept.token_rows, strict=True):
+            add_tokens(tok, enc, concept.tokens, rows)
     features = []
     for concept in concepts:
         class_words = concept.class_words or ("",) * len(concept.tokens)
-        captions, first_ids = [], []
+        captions, first_tokens = [], []
         for token, class_word in zip(concept.tokens, class_words):
             mine = [*target_captions(token, class_word), *context_captions(contexts, token, class_word, per_token)]
             captions.extend(mine)
-            first_ids.extend([tokenizer.convert_tokens_to_ids(token)] * len(mine))
-        features.append(encode_rows(tokenizer, text_encoder, captions, first_ids))
+            first_tokens.extend([token] * len(mine))
+        features.append(_rows(pairs, captions, first_tokens))
     return features

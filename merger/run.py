@@ -52,7 +52,8 @@ def merge_concepts(base: BaseModel, concepts: list[Concept], captions: list[str]
 
     Raises:
         InvalidArgument: fewer than 2 concepts, an empty caption set, a negative ridge or
-            context_captions, or a delta on a layer the base has no cross-attention K/V projection for.
+            context_captions, a delta on a layer the base has no cross-attention K/V projection for, or
+            token rows for another number of text encoders than the base has.
         BaseMismatch: a concept was made for another base, or two concepts for different bases.
     """
     # 1. Validate everything before any work.
@@ -68,14 +69,11 @@ def merge_concepts(base: BaseModel, concepts: list[Concept], captions: list[str]
         raise InvalidArgument("regularization_captions", "needs at least one non-empty caption")
     _check_bases(base, concepts)
     layers = kv_layers(base.unet)
-    for i, concept in enumerate(concepts):
-        unknown = sorted(set(concept.deltas) - set(layers))
-        if unknown:
-            raise InvalidArgument(f"concepts[{i}].deltas",
-                                  f"not cross-attention K/V layers of the base: {unknown[:3]}")
+    _check_concepts(base, concepts, layers)
     # 2. Resolve token clashes, then the features: C_i per concept and R = C_reg^T C_reg.
     renamed, renames = rename_clashing_tokens(concepts, set(base.tokenizer.get_vocab()))
-    targets = concept_features(base.tokenizer, base.text_encoder, renamed, captions, context_captions)
+    targets = concept_features(base.tokenizer, base.text_encoder, renamed, captions, context_captions,
+                               base.tokenizer_2, base.text_encoder_2)
     reg_gram = _regularization_gram(base, captions)
     # 3. The closed-form solve on every layer any concept touches.
     names = sorted(set().union(*(c.deltas for c in concepts)))
@@ -91,6 +89,9 @@ def merge_concepts(base: BaseModel, concepts: list[Concept], captions: list[str]
         deltas=_exact_deltas(merged, int(summary["constraints"] - summary["duplicate_rows"])),
         tokens=tuple(t for c in renamed for t in c.tokens),
         embeddings=torch.cat([c.embeddings.to(torch.float32) for c in renamed]),
+        embeddings_2=(torch.cat([c.embeddings_2.to(torch.float32) for c in renamed])
+                      if base.text_encoder_2 is not None else None),
+        family=base.family,
         base_fingerprint=base.fingerprint,
         class_words=tuple(w for c in renamed for w in (c.class_words or ("",) * len(c.tokens))),
         provenance={"kind": "merge", "parents": [digest_of(concept_to_bytes(c)) for c in concepts],
@@ -107,7 +108,8 @@ def _regularization_gram(base: BaseModel, captions: list[str]) -> torch.Tensor:
     with _GRAM_LOCK:
         if key in _GRAM_CACHE:
             return _GRAM_CACHE[key]
-    gram = regularization_gram(regularization_features(base.tokenizer, base.text_encoder, captions))
+    gram = regularization_gram(regularization_features(base.tokenizer, base.text_encoder, captions,
+                                                       base.tokenizer_2, base.text_encoder_2))
     with _GRAM_LOCK:
         if len(_GRAM_CACHE) >= _GRAM_CACHE_SIZE:
             _GRAM_CACHE.pop(next(iter(_GRAM_CACHE)))
@@ -123,6 +125,18 @@ def _check_bases(base: BaseModel, concepts: list[Concept]) -> None:
             raise BaseMismatch(f"concepts[{i}] (while concepts[0] was made for base fingerprint {first})",
                                expected=base.fingerprint, actual=concept.base_fingerprint)
     check_base(concepts[0], base.fingerprint, what="concepts[0]")
+
+
+def _check_concepts(base: BaseModel, concepts: list[Concept], layers: dict[str, torch.nn.Linear]) -> None:
+    """Every delta on a K/V layer of the base, token rows for each of its text encoders."""
+    for i, concept in enumerate(concepts):
+        unknown = sorted(set(concept.deltas) - set(layers))
+        if unknown:
+            raise InvalidArgument(f"concepts[{i}].deltas",
+                                  f"not cross-attention K/V layers of the base: {unknown[:3]}")
+        if len(concept.token_rows) != len(base.text_pairs):
+            raise InvalidArgument(f"concepts[{i}]", f"has token rows for {len(concept.token_rows)} text "
+                                  f"encoder(s); the base has {len(base.text_pairs)}")
 
 
 def rename_clashing_tokens(concepts: list[Concept], reserved: set[str]) -> tuple[list[Concept], list[str]]:

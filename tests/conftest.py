@@ -217,11 +217,14 @@ def random_concept(base: BaseModel, seed: int, token: str = "<new1>", rank: int 
         else:
             deltas[name] = LinearDelta(up=scale * torch.randn(out_f, rank, generator=g),
                                        down=torch.randn(rank, in_f, generator=g))
+    rows = [torch.randn(1, encoder.config.hidden_size, generator=g) for _, encoder in base.text_pairs]
     return Concept(
         deltas=deltas,
         tokens=(token,),
-        embeddings=torch.randn(1, base.text_encoder.config.hidden_size, generator=g),
+        embeddings=rows[0],
         base_fingerprint=base.fingerprint,
         class_words=(class_word,),
         provenance={"kind": "test", "seed": seed},
+        embeddings_2=rows[1] if len(rows) > 1 else None,
+        family=base.family,
     )

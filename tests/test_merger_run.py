@@ -78,7 +78,8 @@ def test_context_captions_add_their_rows_and_the_merge_meets_them(base, concepts
     more, = concept_features(base.tokenizer, base.text_encoder, concepts[:1], captions, 8)
     # + the rows of "<new1> dog on the grass <end>" and "<new1> dog in the grass <end>", 6 each
     assert more.shape[0] == plain.shape[0] + 12
-    torch.testing.assert_close(more[: plain.shape[0]], plain)
+    # Same rows; a longer padded batch may round differently in float32 (~1e-7).
+    torch.testing.assert_close(more[: plain.shape[0]], plain, rtol=1e-5, atol=1e-6)
     concept, report = merge_concepts(base, concepts[:2], captions=captions, context_captions=8)
     assert report.summary["constraints"] == 12 + 12 + 6  # <new2> cat: "<new2> cat on the grass <end>"
     # 30 rows in a 32-wide feature space: the ridge bends the nearly dependent ones a little.

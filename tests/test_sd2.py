@@ -140,7 +140,7 @@ def test_the_sd2_base_loads_in_diffusers_and_its_family_is_in_its_configs(sd2_di
     for f in sorted(p.relative_to(sd2_dir) for p in sd2_dir.rglob("*") if p.is_file()):
         assert (tmp_path / "cli" / f).read_bytes() == (sd2_dir / f).read_bytes(), f
     with pytest.raises(InvalidArgument, match="family"):
-        create_tiny_base(tmp_path / "x", family="sdxl")
+        create_tiny_base(tmp_path / "x", family="sd3")
 
 
 def test_every_scheduler_the_engine_offers_keeps_the_bases_prediction_type(sd2_dir):

@@ -130,8 +130,8 @@ def test_check_inputs_rejects_base_tokens_and_prompts(tiny_base_dir, tmp_path, i
     index = json.loads((other / "model_index.json").read_text())
     (other / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLPipeline"}))
     assert check(base_model=str(other)) == (
-        "base_model", (f"{other} holds a 'StableDiffusionXLPipeline'; only ['StableDiffusionPipeline'] bases "
-                       "(Stable Diffusion 1.x/2.x) are supported"))
+        "base_model", (f"{other} holds a 'StableDiffusionXLPipeline'; a base with 1 text encoder must be a "
+                       "'StableDiffusionPipeline' (Stable Diffusion 1.x/2.x)"))
     assert check(concept={"modifier_token": "Dog", "instance_prompt": "a {token}"}) == (
         "concepts[0].modifier_token",
         "'Dog' already exists in the tokenizer's vocabulary; choose a new word such as <new1>")

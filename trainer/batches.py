@@ -31,6 +31,7 @@ class EncodedExamples:
         caption_index: [N] long, index into `captions`.
         captions: distinct captions.
         per_source: views per source image; example ``i * per_source + k`` is view k of image i.
+        time_ids: [N, 6] float32 SDXL size and crop conditioning (`trainer.data.Example.time_ids`).
     """
 
     mean: torch.Tensor
@@ -39,6 +40,7 @@ class EncodedExamples:
     caption_index: torch.Tensor
     captions: list[str]
     per_source: int
+    time_ids: torch.Tensor | None = None
 
     @property
     def num_sources(self) -> int:
@@ -49,7 +51,7 @@ class EncodedExamples:
 def encode_examples(vae: nn.Module, examples: Iterable[Example], per_source: int,
                     device: torch.device) -> EncodedExamples:
     """Run the VAE encoder over all examples, `ENCODE_BATCH` at a time; keep mean and std, not a sample."""
-    means, stds, masks, caption_index, captions = [], [], [], [], {}
+    means, stds, masks, caption_index, captions, time_ids = [], [], [], [], {}, []
     chunk: list[Example] = []
 
     def flush() -> None:
@@ -62,6 +64,7 @@ def encode_examples(vae: nn.Module, examples: Iterable[Example], per_source: int
     for example in examples:
         chunk.append(example)
         masks.append(torch.from_numpy(example.mask))
+        time_ids.append(example.time_ids)
         caption_index.append(captions.setdefault(example.caption, len(captions)))
         if len(chunk) == ENCODE_BATCH:
             flush()
@@ -70,6 +73,7 @@ def encode_examples(vae: nn.Module, examples: Iterable[Example], per_source: int
     return EncodedExamples(
         mean=torch.cat(means), std=torch.cat(stds), mask=torch.stack(masks)[:, None].to(device),
         caption_index=torch.tensor(caption_index, device=device), captions=list(captions), per_source=per_source,
+        time_ids=torch.tensor(time_ids, dtype=torch.float32, device=device),
     )
 
 
@@ -86,9 +90,12 @@ class Batch:
     Args:
         latents, noise: [B + C, 4, h, w] scaled latents and the noise to add.
         timesteps: [B + C] long.
-        instance_ids: [B, L] token ids of the instance captions.
-        class_states: [C, L, hidden] text-encoder output of the class captions, or None.
+        instance_ids: [B, E, L] token ids of the instance captions, per text encoder.
+        class_states: [C, L, hidden] text conditioning of the class captions (`trainer.model.encode_text`),
+            or None.
         mask: [B, 1, h, w] loss mask of the instance examples.
+        class_pooled: [C, pooled] pooled text of the class captions (SDXL), else None.
+        time_ids: [B + C, 6] SDXL size and crop conditioning of each example, when the examples have it.
     """
 
     latents: torch.Tensor
@@ -97,19 +104,25 @@ class Batch:
     instance_ids: torch.Tensor
     class_states: torch.Tensor | None
     mask: torch.Tensor
+    class_pooled: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
 
 
 class BatchMaker:
     """Draws the batches of a job. The order follows the reference: an epoch is a random permutation of
     max(#target images, #class images) indices; index i pairs target image i mod #targets with class
     image i mod #classes.
+
+    Args:
+        instance_ids: [captions, E, L] token ids of `instance.captions` per text encoder.
+        class_states, class_pooled: the text conditioning of `classes.captions`, row per caption.
     """
 
     def __init__(self, instance: EncodedExamples, instance_ids: torch.Tensor, classes: EncodedExamples | None,
                  class_states: torch.Tensor | None, *, seed: int, global_batch: int, rank: int, world_size: int,
-                 scaling_factor: float, num_train_timesteps: int) -> None:
+                 scaling_factor: float, num_train_timesteps: int, class_pooled: torch.Tensor | None = None) -> None:
         self.instance, self.instance_ids = instance, instance_ids
-        self.classes, self.class_states = classes, class_states
+        self.classes, self.class_states, self.class_pooled = classes, class_states, class_pooled
         self.seed, self.global_batch = seed, global_batch
         self.rank, self.world_size = rank, world_size
         self.scaling_factor = scaling_factor
@@ -151,12 +164,20 @@ class BatchMaker:
         rows = [torch.arange(lo, hi) + k * self.global_batch for k in range(len(groups))]
         sel = torch.cat(rows).to(latents.device)
         inst_index = index[lo:hi]
-        class_states = None
+        class_states = class_pooled = None
+        examples = [(self.instance, inst_index)]
         if self.classes is not None:
             class_index = groups[1][0][lo:hi]
-            class_states = self.class_states[self.classes.caption_index[class_index]]
+            examples.append((self.classes, class_index))
+            captions = self.classes.caption_index[class_index]
+            class_states = self.class_states[captions]
+            class_pooled = None if self.class_pooled is None else self.class_pooled[captions]
+        time_ids = None
+        if all(enc.time_ids is not None for enc, _ in examples):
+            time_ids = torch.cat([enc.time_ids[i] for enc, i in examples])
         return Batch(
             latents=torch.cat([lat for _, lat in groups])[sel], noise=noise[sel], timesteps=timesteps[sel],
             instance_ids=self.instance_ids[self.instance.caption_index[inst_index]],
-            class_states=class_states, mask=self.instance.mask[inst_index],
+            class_states=class_states, mask=self.instance.mask[inst_index], class_pooled=class_pooled,
+            time_ids=time_ids,
         )

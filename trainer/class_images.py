@@ -27,6 +27,23 @@ GUIDANCE_SCALE = 7.5  # StableDiffusionPipeline's default, as the reference gene
 GENERATION_BATCH = 4
 
 
+def base_pipeline(base: BaseModel):
+    """The base's own diffusers pipeline over its loaded modules: SDXL's with two text encoders."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    scheduler = type(base.scheduler).from_config(base.scheduler.config)
+    if base.text_encoder_2 is not None:
+        return StableDiffusionXLPipeline(
+            vae=base.vae, text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2,
+            tokenizer=base.tokenizer, tokenizer_2=base.tokenizer_2, unet=base.unet, scheduler=scheduler,
+            force_zeros_for_empty_prompt=base.force_zeros_for_empty_prompt, add_watermarker=False,
+        )
+    return StableDiffusionPipeline(
+        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
 def cache_dir(root: str | Path, fingerprint: str, prompt: str, resolution: int, steps: int) -> Path:
     """Where the generated class images of (base, prompt, resolution, steps) live."""
     settings = {"prompt": prompt, "resolution": resolution, "steps": steps, "guidance_scale": GUIDANCE_SCALE}
@@ -46,17 +63,11 @@ def generate_class_images(base: BaseModel, prompt: str, count: int, directory: P
     Returns:
         The `count` image paths (every rank returns once all of them exist).
     """
-    from diffusers import StableDiffusionPipeline
-
     paths = [directory / f"{i:05d}.png" for i in range(count)]
     mine = [i for i in range(count) if i % ctx.world_size == ctx.rank and not paths[i].exists()]
     if mine:
         directory.mkdir(parents=True, exist_ok=True)
-        pipe = StableDiffusionPipeline(
-            vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
-            scheduler=type(base.scheduler).from_config(base.scheduler.config),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
+        pipe = base_pipeline(base)
         pipe.set_progress_bar_config(disable=True)
         on_gpu = ctx.device.type == "cuda"
         half = torch.bfloat16 if on_gpu and torch.cuda.is_bf16_supported() else torch.float16

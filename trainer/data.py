@@ -10,6 +10,11 @@ is enlarged to [1.2, 1.4) x resolution and randomly cropped ("zoom-in", prefix "
 Every view is made once per job (`views_per_image` of them per target image) and encoded once by
 the VAE; the training step picks one at random. Randomness comes from a generator seeded by (job
 seed, image index), so every rank and every resumed run builds the same views.
+
+Each example also records SDXL's size and crop conditioning (`Example.time_ids`) in the pixel
+coordinates of diffusers' train_text_to_image_sdxl.py: the source image's (height, width), and the
+top-left of the crop in the source resized to the view's scale (a zoom-out view shows its whole
+square, so its crop is the square's).
 """
 
 from __future__ import annotations
@@ -46,6 +51,13 @@ def center_square(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BILINEAR)
 
 
+def square_origin(height: int, width: int, scale: int) -> tuple[int, int]:
+    """(top, left) of `center_square`'s square in a `height` x `width` source resized so that the square
+    is `scale` pixels wide."""
+    side = min(height, width)
+    return round((height - side) // 2 * scale / side), round((width - side) // 2 * scale / side)
+
+
 def to_array(image: Image.Image) -> np.ndarray:
     """[3, H, W] float32 in [-1, 1], the VAE's input range."""
     return (np.asarray(image, dtype=np.float32) / 127.5 - 1.0).transpose(2, 0, 1)
@@ -59,11 +71,20 @@ class Example:
         pixels: [3, H, W] float32 in [-1, 1].
         mask: [H/f, W/f] float32 at latent resolution; 1 where the loss counts.
         caption: the full prompt, augmentation prefix included.
+        original_size: (height, width) of the source image.
+        crop_top_left: (top, left) of the view in the source resized to the view's scale (module doc).
     """
 
     pixels: np.ndarray
     mask: np.ndarray
     caption: str
+    original_size: tuple[int, int]
+    crop_top_left: tuple[int, int]
+
+    @property
+    def time_ids(self) -> tuple[int, ...]:
+        """SDXL's added ``time_ids``: original size, crop top-left, target size (the view's), each (h, w)."""
+        return (*self.original_size, *self.crop_top_left, *self.pixels.shape[1:])
 
 
 def paste_mask(top: int, left: int, scale: int, size: int, factor: int) -> np.ndarray:
@@ -88,8 +109,14 @@ def paste_mask(top: int, left: int, scale: int, size: int, factor: int) -> np.nd
 
 
 def augmented_view(image: Image.Image, caption: str, size: int, factor: int, rng: np.random.Generator,
-                   augment: bool, hflip: bool) -> Example:
-    """One random view of a `size`-square image (see the module docstring for the distribution)."""
+                   augment: bool, hflip: bool, source_size: tuple[int, int] | None = None) -> Example:
+    """One random view of a `size`-square image (see the module docstring for the distribution).
+
+    Args:
+        source_size: (height, width) of the image `image` is the `center_square` of, for the view's
+            `Example.time_ids` (module doc); None: `image` itself. Flips keep the crop coordinates, as
+            diffusers' script flips before it crops.
+    """
     if hflip and rng.random() < 0.5:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     scale = size
@@ -99,10 +126,13 @@ def augmented_view(image: Image.Image, caption: str, size: int, factor: int, rng
         else:
             scale = int(rng.integers(int(1.2 * size), int(1.4 * size)))
     resized = to_array(image.resize((scale, scale), Image.Resampling.BILINEAR)) if scale != size else to_array(image)
+    height, width = source_size or (size, size)
+    crop = square_origin(height, width, scale)  # the square's, at the view's scale
     if scale > size:
         top, left = (int(v) for v in rng.integers(0, scale - size + 1, size=2))
         pixels = resized[:, top:top + size, left:left + size]
         mask = np.ones((size // factor, size // factor), dtype=np.float32)
+        crop = (crop[0] + top, crop[1] + left)
     else:
         top, left = (int(v) for v in rng.integers(0, size - scale + 1, size=2))
         pixels = np.zeros((3, size, size), dtype=np.float32)  # 0 is mid-gray in [-1, 1]
@@ -112,7 +142,7 @@ def augmented_view(image: Image.Image, caption: str, size: int, factor: int, rng
         caption = ZOOM_OUT_PREFIXES[int(rng.integers(2))] + caption
     elif scale > size:
         caption = ZOOM_IN_PREFIXES[int(rng.integers(2))] + caption
-    return Example(np.ascontiguousarray(pixels), mask, caption)
+    return Example(np.ascontiguousarray(pixels), mask, caption, (height, width), crop)
 
 
 def instance_examples(images: list[tuple[Image.Image, str]], size: int, factor: int, views: int, seed: int,
@@ -122,7 +152,7 @@ def instance_examples(images: list[tuple[Image.Image, str]], size: int, factor: 
         rng = np.random.default_rng([seed, index])
         square = center_square(image, size)
         for _ in range(views):
-            yield augmented_view(square, caption, size, factor, rng, augment, hflip)
+            yield augmented_view(square, caption, size, factor, rng, augment, hflip, (image.height, image.width))
 
 
 def class_examples(images: list[tuple[Image.Image, str]], size: int, factor: int, hflip: bool) -> Iterator[Example]:
@@ -130,6 +160,7 @@ def class_examples(images: list[tuple[Image.Image, str]], size: int, factor: int
     ones = np.ones((size // factor, size // factor), dtype=np.float32)
     for image, caption in images:
         square = center_square(image, size)
-        yield Example(to_array(square), ones, caption)
+        geometry = ((image.height, image.width), square_origin(image.height, image.width, size))
+        yield Example(to_array(square), ones, caption, *geometry)
         if hflip:
-            yield Example(to_array(square.transpose(Image.Transpose.FLIP_LEFT_RIGHT)), ones, caption)
+            yield Example(to_array(square.transpose(Image.Transpose.FLIP_LEFT_RIGHT)), ones, caption, *geometry)

@@ -18,29 +18,45 @@ from trainer.data import load_image
 from trainer.spec import JobSpec
 from trainer.tokens import in_vocabulary
 
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
+# The pipeline a base directory must name, by its text encoders: (class name, what it is).
+ONE_TEXT_ENCODER = ("StableDiffusionPipeline", "Stable Diffusion 1.x/2.x")
+TWO_TEXT_ENCODERS = ("StableDiffusionXLPipeline", "Stable Diffusion XL")
 
 
-def load_tokenizer(base_dir: Path):
-    """The base's CLIP tokenizer, or `InvalidArgument("base_model", ...)` saying why it does not load."""
+def load_tokenizer(base_dir: Path, name: str = "tokenizer"):
+    """The base's CLIP tokenizer `name`, or `InvalidArgument("base_model", ...)` saying why it does not load."""
     from transformers import CLIPTokenizer
 
     try:
-        return CLIPTokenizer.from_pretrained(base_dir / "tokenizer")
+        return CLIPTokenizer.from_pretrained(base_dir / name)
     except (OSError, ValueError, TypeError) as e:
-        raise InvalidArgument("base_model", f"{base_dir}/tokenizer does not load as a CLIP tokenizer: {e}") from None
+        raise InvalidArgument("base_model", f"{base_dir}/{name} does not load as a CLIP tokenizer: {e}") from None
+
+
+def model_index(base: Path) -> dict:
+    """The directory's ``model_index.json``, or `InvalidArgument("base_model", ...)`."""
+    try:
+        return json.loads((base / "model_index.json").read_text())
+    except (OSError, ValueError) as e:
+        raise InvalidArgument("base_model", f"{base}/model_index.json is unreadable: {e}") from None
+
+
+def tokenizer_names(base: Path) -> tuple[str, ...]:
+    """The base's tokenizer folders: SDXL's two, else one."""
+    return ("tokenizer", "tokenizer_2") if "text_encoder_2" in model_index(base) else ("tokenizer",)
 
 
 def check_base(path: str) -> Path:
-    """A diffusers Stable Diffusion 1.x/2.x directory, else `InvalidArgument` naming what is wrong."""
+    """A diffusers Stable Diffusion 1.x/2.x or XL directory that names the pipeline of its text encoders
+    (`ONE_TEXT_ENCODER`, `TWO_TEXT_ENCODERS`), else `InvalidArgument` naming what is wrong."""
     base = check_base_dir(path, "base_model")
-    try:
-        pipeline = json.loads((base / "model_index.json").read_text()).get("_class_name")
-    except (OSError, ValueError) as e:
-        raise InvalidArgument("base_model", f"{base}/model_index.json is unreadable: {e}") from None
-    if pipeline not in SUPPORTED_PIPELINES:
-        raise InvalidArgument("base_model", f"{base} holds a {pipeline!r}; only {list(SUPPORTED_PIPELINES)} "
-                              "bases (Stable Diffusion 1.x/2.x) are supported")
+    index = model_index(base)
+    encoders = 2 if "text_encoder_2" in index else 1
+    expected, kind = TWO_TEXT_ENCODERS if encoders == 2 else ONE_TEXT_ENCODER
+    pipeline = index.get("_class_name")
+    if pipeline != expected:
+        raise InvalidArgument("base_model", f"{base} holds a {pipeline!r}; a base with {encoders} text "
+                              f"encoder{'s' if encoders == 2 else ''} must be a {expected!r} ({kind})")
     return base
 
 
@@ -123,7 +139,8 @@ def check_files(spec: JobSpec) -> JobSpec:
 
     base = check_base(spec.base_model)
     spec = resolve_resolution(spec, base)
-    check_tokens(spec, load_tokenizer(base))
+    for name in tokenizer_names(base):
+        check_tokens(spec, load_tokenizer(base, name))  # the tokens go into every tokenizer
     min_side = spec.hyperparameters.resolution // 2
     for i, concept in enumerate(spec.concepts):
         for j, path in enumerate(concept.images):

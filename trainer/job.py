@@ -19,7 +19,7 @@ from trainer.class_images import class_images_for
 from trainer.data import class_examples, instance_examples, load_image
 from trainer.distributed import DistContext, init_distributed
 from trainer.loop import TrainState, learning_rate, make_optimizer, train_step, wrap_distributed
-from trainer.model import TOKEN_PARAM, autocast, prepare_model
+from trainer.model import TOKEN_PARAM, TOKEN_PARAM_2, autocast, encode_text, prepare_model
 from trainer.progress import ProgressLog, StepTimer, read_result, write_result
 from trainer.spec import JobSpec, check_inputs
 from trainer.tokens import TokenRows, add_modifier_tokens
@@ -41,6 +41,11 @@ def tokenize(tokenizer, captions: list[str], device: torch.device) -> torch.Tens
                      return_tensors="pt").input_ids.to(device)
 
 
+def tokenize_pairs(base: BaseModel, captions: list[str], device: torch.device) -> torch.Tensor:
+    """[len(captions), E, model_max_length] padded token ids of each of the base's E tokenizers."""
+    return torch.stack([tokenize(tokenizer, captions, device) for tokenizer, _ in base.text_pairs], dim=1)
+
+
 def _encode_data(spec: JobSpec, base: BaseModel, class_lists: list[list[tuple[Path, str]]],
                  ctx: DistContext) -> tuple[EncodedExamples, EncodedExamples | None]:
     """Target views and class images through the VAE, once."""
@@ -59,33 +64,38 @@ def _encode_data(spec: JobSpec, base: BaseModel, class_lists: list[list[tuple[Pa
 
 
 def build_state(spec: JobSpec, base: BaseModel, class_lists: list[list[tuple[Path, str]]], ctx: DistContext,
-                progress: ProgressLog) -> tuple[TrainState, TokenRows, dict[str, torch.Tensor]]:
+                progress: ProgressLog) -> tuple[TrainState, list[TokenRows], dict[str, torch.Tensor]]:
     """Tokens, trainable model, latents, batches and optimizer for `base` (modified in place).
 
     Args:
         class_lists: per concept, the (image path, caption) regularization pairs; empty without prior preservation.
 
     Returns:
-        The state `train_step` takes, the token rows, and the original float32 weights of the trained layers.
+        The state `train_step` takes, the token rows of each text encoder, and the original float32
+        weights of the trained layers.
     """
     from diffusers import DDPMScheduler
 
     hp = spec.hyperparameters
-    token_ids, rows = add_modifier_tokens(base.tokenizer, base.text_encoder, [c.modifier_token for c in spec.concepts],
-                                          [c.initializer_token for c in spec.concepts])
-    token_rows = TokenRows(base.text_encoder.get_input_embeddings(), token_ids, rows)
-    model, params, originals = prepare_model(base, token_rows, hp.train_mode, hp.mixed_precision, ctx.device,
-                                             hp.gradient_checkpointing)
+    token_rows = []
+    for tokenizer, text_encoder in base.text_pairs:  # every text encoder learns its own rows of the tokens
+        token_ids, rows = add_modifier_tokens(tokenizer, text_encoder, [c.modifier_token for c in spec.concepts],
+                                              [c.initializer_token for c in spec.concepts])
+        token_rows.append(TokenRows(text_encoder.get_input_embeddings(), token_ids, rows))
+    model, params, originals = prepare_model(base, token_rows[0], hp.train_mode, hp.mixed_precision, ctx.device,
+                                             hp.gradient_checkpointing, token_rows[1] if len(token_rows) > 1 else None)
     progress.state("encoding latents", "target views and class images through the VAE, once per job")
     instance, classes = _encode_data(spec, base, class_lists, ctx)
-    class_states = None
+    class_states = class_pooled = None
     if classes is not None:
         with torch.no_grad(), autocast(ctx.device, hp.mixed_precision):
-            class_states = base.text_encoder(tokenize(base.tokenizer, classes.captions, ctx.device))[0]
-    batches = BatchMaker(instance, tokenize(base.tokenizer, instance.captions, ctx.device), classes, class_states,
+            class_states, class_pooled = encode_text([e for _, e in base.text_pairs],
+                                                     tokenize_pairs(base, classes.captions, ctx.device),
+                                                     base.text_pairs[-1][0].eos_token_id)
+    batches = BatchMaker(instance, tokenize_pairs(base, instance.captions, ctx.device), classes, class_states,
                          seed=hp.seed, global_batch=hp.train_batch_size * ctx.world_size, rank=ctx.rank,
                          world_size=ctx.world_size, scaling_factor=base.vae.config.scaling_factor,
-                         num_train_timesteps=base.scheduler.config.num_train_timesteps)
+                         num_train_timesteps=base.scheduler.config.num_train_timesteps, class_pooled=class_pooled)
     lr = learning_rate(hp.learning_rate, hp.train_batch_size, ctx.world_size, hp.gradient_accumulation_steps,
                        hp.with_prior_preservation, hp.scale_lr)
     state = TrainState(
@@ -134,10 +144,14 @@ def _store_concept(spec: JobSpec, base: BaseModel, state: TrainState, originals:
     modules = dict(base.unet.named_modules())
     deltas = {name: LinearDelta(dense=(modules[name].weight.detach().float().cpu() - w0).contiguous())
               for name, w0 in originals.items()}
+    rows = {name: state.params[name].detach().float().cpu().clone()
+            for name in (TOKEN_PARAM, TOKEN_PARAM_2) if name in state.params}
     concept = Concept(
         deltas=deltas,
         tokens=tuple(c.modifier_token for c in spec.concepts),
-        embeddings=state.params[TOKEN_PARAM].detach().float().cpu().clone(),
+        embeddings=rows[TOKEN_PARAM],
+        embeddings_2=rows.get(TOKEN_PARAM_2),
+        family=base.family,
         base_fingerprint=base.fingerprint,
         class_words=tuple(c.class_prompt for c in spec.concepts),
         provenance={**spec.provenance, "kind": "training", "steps": steps, "world_size": state.ctx.world_size,
@@ -183,7 +197,8 @@ def run_job(spec: JobSpec, echo: bool = False, listener: Callable[[dict], None] 
     if step < hp.max_train_steps:
         progress.state("stopped", f"checkpoint at step {step} of {hp.max_train_steps}; run again to resume")
         return JobResult(None, None, base, step)
-    token_rows.detach_from_embedding()
+    for rows in token_rows:
+        rows.detach_from_embedding()
     digest = None
     concept = None
     if ctx.is_main:

@@ -93,7 +93,8 @@ def train_step(state: TrainState, step: int) -> float:
         with sync:
             noisy = state.noise_scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
             with autocast(state.ctx.device, state.precision):
-                pred = state.model(noisy, batch.timesteps, batch.instance_ids, batch.class_states)
+                pred = state.model(noisy, batch.timesteps, batch.instance_ids, batch.class_states, batch.class_pooled,
+                                   batch.time_ids)
             target = state.target(batch.latents, batch.noise, batch.timesteps)
             loss = diffusion_loss(pred, target, batch.mask, state.prior_loss_weight) / state.accumulation
             state.scaler.scale(loss).backward()

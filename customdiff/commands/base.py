@@ -1,4 +1,4 @@
-"""`customdiff base create-tiny DIR [--family sd15|sd2]`: write a tiny Stable-Diffusion-architecture base."""
+"""`customdiff base create-tiny DIR [--family sd15|sd2|sdxl]`: write a tiny Stable-Diffusion-architecture base."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     tiny.add_argument("--seed", type=int, default=0, help="weight seed; the same seed gives the same bytes")
     tiny.add_argument("--family", choices=FAMILIES, default="sd15",
                       help="sd15: SD-1.x shaped (epsilon, PNDM); sd2: SD-2.x shaped (v_prediction, DDIM, "
-                           "linear projections, a head count per block, a wider text encoder); default: sd15")
+                           "linear projections, a head count per block, a wider text encoder); sdxl: SDXL "
+                           "shaped (two text encoders, pooled text and size/crop time ids, Euler); default: sd15")
     tiny.set_defaults(run=_create_tiny)
 
 

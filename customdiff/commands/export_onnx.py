@@ -1,4 +1,4 @@
-"""`customdiff export-onnx BASE_DIR OUT_DIR`: UNet (K/V as inputs), text encoder and VAE decoder as ONNX."""
+"""`customdiff export-onnx BASE_DIR OUT_DIR`: UNet (K/V as inputs), text encoder(s) and VAE decoder as ONNX."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                             "request)")
     export.add_argument("base_dir", metavar="BASE_DIR", help="diffusers Stable Diffusion directory")
     export.add_argument("out_dir", metavar="OUT_DIR",
-                        help="writes OUT_DIR/{unet,text_encoder,vae_decoder}/1/model.onnx; may be a copy of "
-                             "deploy/triton/model_repository_onnx")
+                        help="writes OUT_DIR/{unet,text_encoder,vae_decoder}/1/model.onnx (and text_encoder_2 "
+                             "for SDXL); may be a copy of deploy/triton/model_repository_onnx "
+                             "(model_repository_onnx_sdxl for SDXL)")
     export.add_argument("--opset", type=int, help="ONNX opset, 14 to 20 (default 17)")
     export.set_defaults(run=_run)
 

@@ -1,9 +1,10 @@
-"""Triton Python model "stable_diffusion" of the ONNX repository: the engine on onnxruntime models by BLS.
+"""Triton Python model "stable_diffusion" of the ONNX repositories: the engine on onnxruntime models by BLS.
 
 Requests, parameters, outputs and errors are those of model_repository/stable_diffusion; the
-difference is where the graphs run: `run` below calls this repository's "unet", "text_encoder" and
-"vae_decoder" models (`engine/onnx_pipeline.py` wires them into the engine), while the
-per-request concept math stays here. deploy/triton/README.md, "ONNX variant", documents it.
+difference is where the graphs run: `run` below calls this repository's "unet", "text_encoder"
+("text_encoder_2" too for SDXL) and "vae_decoder" models (`engine/onnx_pipeline.py` wires them into
+the engine), while the per-request concept math stays here. deploy/triton/README.md, "ONNX
+variant", documents it. model_repository_onnx_sdxl/stable_diffusion/1/model.py is this file.
 """
 
 from __future__ import annotations
@@ -20,26 +21,30 @@ from torch.utils import dlpack
 from concepts.base import load_base
 from concepts.errors import CustomDiffError, InvalidArgument, Unavailable
 from concepts.store import ArtifactStore
+from engine.onnx_export import graph_io
 from engine.onnx_pipeline import exported_engine
-from engine.onnx_unet import GRAPH_FILE, OUTPUTS, UNET, Run
+from engine.onnx_unet import GRAPH_FILE, UNET, Run
 from services.inference.triton_model import observe, respond
 from services.inference.triton_protocol import ModelSettings
 
 log = logging.getLogger("customdiff.triton")
 
 
-def run(model: str) -> Run:
-    """Call `model` through BLS; tensors pass by DLPack (no copy here, on the CPU or the GPU)."""
-    def call(inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+def run(model: str, outputs: list[str]) -> Run:
+    """Call `model` through BLS for `outputs` (its graph's); tensors pass by DLPack (no copy here, on the CPU
+    or the GPU)."""
+    def call(inputs: dict[str, torch.Tensor]) -> torch.Tensor | tuple[torch.Tensor, ...]:
         request = pb_utils.InferenceRequest(
-            model_name=model, requested_output_names=[OUTPUTS[model]],
+            model_name=model, requested_output_names=outputs,
             inputs=[pb_utils.Tensor.from_dlpack(name, dlpack.to_dlpack(tensor.contiguous()))
                     for name, tensor in inputs.items()])
         response = request.exec()
         if response.has_error():
             raise Unavailable(f"model {model}: {response.error().message()}")
-        output = pb_utils.get_output_tensor_by_name(response, OUTPUTS[model])
-        return torch.from_dlpack(output.to_dlpack()).clone()  # the response owns that memory
+        # .clone(): the response owns that memory.
+        tensors = tuple(torch.from_dlpack(pb_utils.get_output_tensor_by_name(response, name).to_dlpack()).clone()
+                        for name in outputs)
+        return tensors if len(tensors) > 1 else tensors[0]
 
     return call
 
@@ -54,10 +59,15 @@ class TritonPythonModel:
                 raise InvalidArgument("dtype", f"must be float32, the graphs' type, got {settings.dtype!r}")
             gpu = args["model_instance_kind"] == "GPU"
             device = f"cuda:{args['model_instance_device_id']}" if gpu else "cpu"
-            unet_onnx = Path(args["model_repository"]).parent / UNET / "1" / GRAPH_FILE
+            repository = Path(args["model_repository"]).parent
+            unet_onnx = repository / UNET / "1" / GRAPH_FILE
+
+            def run_for(model: str) -> Run:
+                return run(model, list(graph_io(repository / model / "1" / GRAPH_FILE)["outputs"]))
+
             observer, self.stop_tracing = observe(args)
             self.engine = exported_engine(
-                load_base(settings.base_model, device=device), ArtifactStore(settings.store_url), run,
+                load_base(settings.base_model, device=device), ArtifactStore(settings.store_url), run_for,
                 unet_onnx, cache_bytes=settings.cache_bytes, host_cache_bytes=settings.host_cache_bytes,
                 max_batch_images=settings.max_batch_images, observer=observer)
         except CustomDiffError as e:

@@ -1,0 +1,1 @@
+../../../model_repository_onnx/stable_diffusion/1/model.py
