@@ -1,24 +1,60 @@
-"""Real-size rehearsal on the CPU: every stage of the system on a base with SD-1.5's shapes and random weights.
+"""Real-size rehearsal on the CPU: every stage of the system on SD-1.5- or SDXL-shaped bases with random weights.
 
-Nothing is downloaded: the base is built from SD-1.5's configs (benchmarks/train_throughput.py), saved
-in fp16 with `save_pretrained` and loaded through the same `from_pretrained(dir)` path a real checkpoint
-takes. Each stage runs in its own process so that its peak RSS is its own:
+Nothing is downloaded: the base is built from the family's real configs (SD-1.5's in
+benchmarks/train_throughput.py, stabilityai/stable-diffusion-xl-base-1.0's below), saved in fp16 with
+`save_pretrained` and loaded through the same `from_pretrained(dir)` path a real checkpoint takes. Each
+stage runs in its own process so that its peak RSS is its own:
 
 1. build: build and save the base; load it as the Triton model does (`Engine.from_paths`);
-2. train: `python -m trainer`'s job, 2 steps at 128 px with 2 generated class images of that size;
-   the artifact's size at full rank;
+2. train: `python -m trainer`'s job, 2 steps at 128 px (SDXL: 256 px) with 2 generated class images of
+   that size; the artifact's size at full rank;
 3. merge: merge 3 full-rank concepts, compress the merge to the top 60%; the sizes;
-4. cold_load: a concept's read, verify and decode at real size (full rank and compressed);
-5. onnx: `customdiff export-onnx` of the full-size UNet (external data), `onnx.checker` on it, the
-   graph's K/V input widths;
+4. cold_load: a concept's read, verify and decode at real size (full rank, merged and compressed);
+5. onnx: `customdiff export-onnx` of the full-size base (external data), `onnx.checker` on the UNet, the
+   graph's inputs (SDXL's text_embeds and time_ids too) and the packed K/V width from its metadata;
 6. serve: `customdiff serve` (inference front + a real tritonserver) on the base: model-load time, one
-   512 px image, then 8 images of 512 px in one Generate through the gRPC API (message limits), and
-   the Triton process tree's peak RSS.
+   512 px (SDXL: 1024 px) image, then `--serve-images` (8) of that size in one Generate through the gRPC
+   API (message limits: the PNG bytes, or the limit error), and the Triton process tree's peak RSS;
+   `--serve-steps` (2) and `--serve-guidance` (7.5) apply to both Generates.
+
+Memory: before starting a stage the parent compares its estimated peak (`PEAK_GIB`) with the machine's
+MemAvailable and records {"skipped": reason} for a stage that would not fit. Stages run with
+oom_score_adj 1000: should an estimate fall short, the kernel ends the stage rather than other work on
+the machine.
+
+SDXL on this machine (2 CPU cores, 24 GB = 23 GiB, no swap), expected. Every stage loads the base in
+float32, as the system does: UNet 2,567M parameters (70 attn2 layers, whose 140 K/V projections hold
+340.8M), text encoders 123M + 695M, VAE 84M: 3,469M, 12.9 GiB in float32, 6.9 GB on disk. Without
+`accelerate` installed, `from_pretrained` builds each model with random weights and then copies the
+fp16 state dict in, so loading peaks at 14.3 GiB (the UNet's). Peaks below come from these counts and
+from tensor lifetimes counted on the meta device; times from FLOPs counted there (a UNet row: 6.8 TFLOP
+at 1024 px, 0.43 at 256; a VAE decode: 10.5 TFLOP at 1024 px) at the ~115 GFLOP/s that the SD-1.5 serve
+stage reached (RESULTS.md), and from SD-1.5's stage times scaled by parameter counts:
+
+  stage      peak      time        fits 23 GiB
+  build      ~15.5 GiB ~2-3 min    yes (float32 build, fp16 save, float32 load)
+  train      ~21 GiB   ~5-10 min   on an otherwise idle machine: the base, then the K/V originals,
+                                   gradients and both AdamW moments (4 x 1.3 GiB), ~1.4 GiB of
+                                   activations; the artifact ~1.3 GB (full rank, float32)
+  merge      ~21.5 GiB ~10-20 min  on an otherwise idle machine: the base, 3 full-rank concepts (3.8 GiB),
+                                   then copies of both text encoders (3 GiB), then the base's K/V in
+                                   float64 (2.5 GiB) and the merge; 1,200 captions through both text
+                                   encoders take most of the time
+  cold_load  ~3 GiB    < 1 min     yes (1.3 GB read, sha256, decode)
+  onnx       ~26 GiB   ~15-20 min  no, skipped: the base, plus the exporter's folded copies of the UNet's
+                                   weights and then `onnx.load`'s 10.3 GB copy of them, plus forwards at
+                                   1032 px; needs a machine with 32 GB
+  serve      ~17.5 GiB ~7 min      one image: load ~1.5 min, then 2 steps with guidance (4 UNet rows) and
+                                   a 3 GiB float32 VAE decode, ~5.5 min
+             +3 GiB    ~45 min     8 images in one Generate (the engine decodes one image at a time: a
+                                   1024 px decode holds ~3 GiB); `--serve-images 2 --serve-guidance 1`
+                                   takes ~7 min (2 PNGs of ~2.5 MB: still over gRPC's default 4 MB message)
 
 Prints progress to stderr and one JSON line last: {"family", "stages": {stage: {"seconds", "peak_rss_mb",
-...}}}. SDXL needs the SDXL model family (issue 17); until then `--family sdxl` says so and exits 2.
+...} or {"skipped": reason}}}.
 
-Usage: python benchmarks/rehearsal.py [--family sd15] [--work DIR] [--stages build,train,...]
+Usage: python benchmarks/rehearsal.py [--family sd15|sdxl] [--work DIR] [--stages build,train,...]
+           [--serve-steps 2] [--serve-images 8] [--serve-guidance 7.5]
 """
 
 from __future__ import annotations
@@ -38,12 +74,39 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 STAGES = ("build", "train", "merge", "cold_load", "onnx", "serve")
-RESOLUTION = {"sd15": 512}
-TRAIN_RESOLUTION = {"sd15": 128}
+RESOLUTION = {"sd15": 512, "sdxl": 1024}
+TRAIN_RESOLUTION = {"sd15": 128, "sdxl": 256}
+# Estimated peak of each stage in GiB (module doc; SD-1.5's measured, RESULTS.md, its onnx estimated);
+# the engine decodes one image at a time, so serve's does not grow with the images of a Generate.
+PEAK_GIB = {"sd15": {"build": 5.5, "train": 5.5, "merge": 5.5, "cold_load": 0.5, "onnx": 10.0, "serve": 6.5},
+            "sdxl": {"build": 15.5, "train": 21.0, "merge": 21.5, "cold_load": 3.0, "onnx": 26.0, "serve": 17.5}}
 API_KEY = "rehearsal-key"
-# A 512 px Generate of 8 images (16 UNet rows with guidance) takes minutes on 2 CPU cores: more than
-# the client's default 300 s deadline.
-GENERATE_TIMEOUT_S = 1800.0
+# A 512 px Generate of 8 images (16 UNet rows with guidance) takes minutes on 2 CPU cores, one of 8
+# 1024 px SDXL images about 45 minutes: more than the client's default 300 s deadline.
+GENERATE_TIMEOUT_S = 3 * 3600.0
+
+# stabilityai/stable-diffusion-xl-base-1.0's unet/config.json, vae/config.json and text_encoder_2/config.json,
+# abridged. Its text_encoder is CLIP ViT-L, SD-1.5's (train_throughput.SD15_TEXT); both text configs
+# keep the placeholder token ids they were published with (eos 2: `concepts.conditioning` pools anyway).
+SDXL_UNET = {
+    "sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+    "block_out_channels": (320, 640, 1280),
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "transformer_layers_per_block": (1, 2, 10), "attention_head_dim": (5, 10, 20), "cross_attention_dim": 2048,
+    "use_linear_projection": True, "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816, "norm_num_groups": 32,
+}
+SDXL_VAE = {
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2,
+    "block_out_channels": (128, 256, 512, 512), "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4, "sample_size": 1024, "scaling_factor": 0.13025,
+    "force_upcast": True,
+}
+SDXL_TEXT_2 = {"vocab_size": 49408, "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
+               "num_attention_heads": 20, "max_position_embeddings": 77, "hidden_act": "gelu",
+               "projection_dim": 1280}
+SDXL_TOKEN_IDS = {"bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
 
 
 def log(message: str) -> None:
@@ -52,6 +115,12 @@ def log(message: str) -> None:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def available_gib() -> float:
+    """The kernel's MemAvailable: what can be allocated without swapping or killing."""
+    meminfo = Path("/proc/meminfo").read_text().splitlines()
+    return next(int(line.split()[1]) for line in meminfo if line.startswith("MemAvailable")) / 2**20
 
 
 def tree_peak_rss_mb(pid: int) -> float:
@@ -74,46 +143,86 @@ def dir_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
 
 
+def sdxl_modules() -> tuple[Any, Any, Any, Any]:
+    """SDXL's UNet, VAE, text encoder and text encoder 2 with random weights, on torch's default device
+    (under ``with torch.device("meta")`` they take no memory)."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from train_throughput import SD15_TEXT
+
+    torch.manual_seed(0)
+    return (UNet2DConditionModel(**SDXL_UNET), AutoencoderKL(**SDXL_VAE),
+            CLIPTextModel(CLIPTextConfig(**SD15_TEXT, **SDXL_TOKEN_IDS)),
+            CLIPTextModelWithProjection(CLIPTextConfig(**SDXL_TEXT_2, **SDXL_TOKEN_IDS)))
+
+
+def base_pipeline(family: str, work: Path):
+    """The family's diffusers pipeline: real shapes, random weights, float32, the tiny base's tokenizers."""
+    import torch
+
+    from concepts.tiny import SD2_PAD_TOKEN, _scheduler, _tokenizer
+
+    if family == "sdxl":
+        from diffusers import StableDiffusionXLPipeline
+
+        unet, vae, text_encoder, text_encoder_2 = sdxl_modules()
+        return StableDiffusionXLPipeline(
+            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=_tokenizer(),
+            tokenizer_2=_tokenizer(pad_token=SD2_PAD_TOKEN), unet=unet, scheduler=_scheduler(family),
+            force_zeros_for_empty_prompt=True, add_watermarker=False)
+    from diffusers import StableDiffusionPipeline
+
+    from concepts.tokenizer_files import write_clip_tokenizer_files
+    from train_throughput import sd15_base
+
+    write_clip_tokenizer_files(work / "tokenizer")
+    parts = sd15_base(work / "tokenizer", torch.device("cpu"))
+    return StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=_tokenizer(),
+                                   unet=parts.unet, scheduler=_scheduler(family), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+
+
 # Stages: each runs in its own process and returns its figures --------------------------------------
 
 
-def stage_build(work: Path, family: str) -> dict[str, Any]:
+def stage_build(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     import torch
-    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
 
-    from concepts.tiny import _scheduler, _tokenizer
     from concepts.tokenizer_files import write_clip_tokenizer_files
     from engine.engine import Engine
-    from train_throughput import sd15_base
 
     started = time.perf_counter()
-    tokenizer_dir = work / "tokenizer"
-    write_clip_tokenizer_files(tokenizer_dir)
-    parts = sd15_base(tokenizer_dir, torch.device("cpu"))
-    pipe = StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=_tokenizer(),
-                                   unet=parts.unet, scheduler=_scheduler(family), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    pipe = base_pipeline(args.family, work)
     pipe.to(torch.float16)
     built = time.perf_counter()
     pipe.save_pretrained(work / "base", safe_serialization=True)
-    write_clip_tokenizer_files(work / "base" / "tokenizer")
+    for name in [name for name in pipe.components if name.startswith("tokenizer")]:
+        write_clip_tokenizer_files(work / "base" / name)  # CLIP's BPE files, as in a real directory
     saved = time.perf_counter()
-    unet_params = sum(p.numel() for p in pipe.unet.parameters())
-    del pipe, parts
+    params = {name: sum(p.numel() for p in module.parameters()) / 1e6
+              for name, module in pipe.components.items() if isinstance(module, torch.nn.Module)}
+    del pipe
+    dtypes = set()
+    for path in (work / "base").rglob("*.safetensors"):
+        with safe_open(path, "pt") as f:
+            dtypes.update(f.get_slice(key).get_dtype() for key in f.keys())
     engine = Engine.from_paths(work / "base", str(work / "store"))
     loaded = time.perf_counter()
-    return {"build_s": built - started, "save_s": saved - built, "load_s": loaded - saved,
-            "unet_params_m": unet_params / 1e6, "base_on_disk_mb": dir_mb(work / "base"),
-            "kv_layers": len(engine.layer_shapes)}
+    return {"family": engine.base.family, "build_s": built - started, "save_s": saved - built,
+            "load_s": loaded - saved, "params_m": params, "base_on_disk_mb": dir_mb(work / "base"),
+            "dtypes_on_disk": sorted(dtypes), "kv_layers": len(engine.layer_shapes)}
 
 
-def stage_train(work: Path, family: str) -> dict[str, Any]:
+def stage_train(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     from train_throughput import write_images
 
     from concepts.store import ArtifactStore
     from trainer.__main__ import main as trainer_main
 
-    size = TRAIN_RESOLUTION[family]
+    size = TRAIN_RESOLUTION[args.family]
     images = write_images(work / "train-images", 2, size, seed=1)
     spec = {"base_model": str(work / "base"), "store_url": str(work / "store"), "work_dir": str(work / "job"),
             "class_image_cache_dir": str(work / "class-images"), "device": "cpu",
@@ -130,7 +239,7 @@ def stage_train(work: Path, family: str) -> dict[str, Any]:
 
 
 def _random_concept(base, seed: int, token: str):
-    """A full-rank concept on every K/V layer of `base` (what a trained SD-1.5 concept weighs)."""
+    """A full-rank concept on every K/V layer of `base` (what a trained one weighs), rows for each text encoder."""
     import torch
 
     from concepts.artifact import Concept, LinearDelta
@@ -139,12 +248,14 @@ def _random_concept(base, seed: int, token: str):
     g = torch.Generator().manual_seed(seed)
     deltas = {name: LinearDelta(dense=0.01 * torch.randn(tuple(layer.weight.shape), generator=g))
               for name, layer in kv_layers(base.unet).items()}
-    hidden = base.text_encoder.get_input_embeddings().weight.shape[1]
-    return Concept(deltas=deltas, tokens=(token,), embeddings=torch.randn(1, hidden, generator=g),
+    rows = [torch.randn(1, encoder.get_input_embeddings().weight.shape[1], generator=g)
+            for _, encoder in base.text_pairs]
+    return Concept(deltas=deltas, tokens=(token,), embeddings=rows[0],
+                   embeddings_2=rows[1] if len(rows) > 1 else None, family=base.family,
                    base_fingerprint=base.fingerprint, class_words=("dog",), provenance={"kind": "rehearsal"})
 
 
-def stage_merge(work: Path, family: str) -> dict[str, Any]:
+def stage_merge(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from concepts.base import load_base
@@ -170,7 +281,7 @@ def stage_merge(work: Path, family: str) -> dict[str, Any]:
             "compressed_top60_mb": len(store.get(compressed_digest)) / 2**20}
 
 
-def stage_cold_load(work: Path, family: str) -> dict[str, Any]:
+def stage_cold_load(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     from concepts.artifact import concept_from_bytes
     from concepts.store import ArtifactStore
 
@@ -188,8 +299,10 @@ def stage_cold_load(work: Path, family: str) -> dict[str, Any]:
     return out
 
 
-def stage_onnx(work: Path, family: str) -> dict[str, Any]:
+def stage_onnx(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     import onnx
+
+    from engine.onnx_unet import META_ADDED, META_LAYOUT, read_metadata
 
     out = work / "onnx"
     started = time.perf_counter()
@@ -200,57 +313,73 @@ def stage_onnx(work: Path, family: str) -> dict[str, Any]:
     onnx.checker.check_model(str(unet))  # a path: the checker reads the external data too
     graph = onnx.load(str(unet), load_external_data=False).graph
     inputs = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    metadata = read_metadata(unet)
+    layout = json.loads(metadata[META_LAYOUT])  # [path, heads, head_dim] per attn2 layer
     return {"export_s": exported, "export_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
-            "unet_onnx_mb": dir_mb(unet.parent), "unet_graph_mb": unet.stat().st_size / 2**20,
-            "checker": "passed", "inputs": inputs}
+            "onnx_mb": {model.name: dir_mb(model) for model in sorted(out.iterdir()) if model.is_dir()},
+            "unet_graph_mb": unet.stat().st_size / 2**20, "checker": "passed", "inputs": inputs,
+            "added_conditions": json.loads(metadata.get(META_ADDED, "[]")), "kv_layers": len(layout),
+            "kv_width": sum(heads * head_dim for _, heads, head_dim in layout)}
 
 
-def stage_serve(work: Path, family: str) -> dict[str, Any]:
+def stage_serve(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    import grpc
+    from customdiff_client import CallError, Client
+
     from customdiff.local import start_serve
-    from customdiff_client import Client
 
+    size = RESOLUTION[args.family]
+    fields = {"num_inference_steps": args.serve_steps, "guidance_scale": args.serve_guidance, "width": size,
+              "height": size, "timeout": GENERATE_TIMEOUT_S}
+    out: dict[str, Any] = {"resolution": size, "steps": args.serve_steps, "guidance": args.serve_guidance}
     started = time.perf_counter()
     proc, ports = start_serve(work / "serve", f"{API_KEY}=rehearsal", only=("inference", "triton"),
                               base_model=str(work / "base"), store_url=str(work / "store"),
                               database_url=f"sqlite:///{work}/serve/registry.db")
-    ready_s = time.perf_counter() - started
+    out["ready_s"] = time.perf_counter() - started
     target = f"127.0.0.1:{ports['inference']}"
-    size = RESOLUTION[family]
     try:
         with Client(target, target, target, api_key=API_KEY) as client:
             started = time.perf_counter()
-            one = client.generate("a photo of a dog", num_inference_steps=2, width=size, height=size,
-                                  num_images=1, timeout=GENERATE_TIMEOUT_S).images
-            first_s = time.perf_counter() - started
+            one = client.generate("a photo of a dog", num_images=1, **fields).images
+            out.update(first_request_s=time.perf_counter() - started, first_images=len(one),
+                       first_png_mb=len(one[0].png) / 2**20)
             started = time.perf_counter()
-            eight = client.generate("a photo of a dog", num_inference_steps=2, width=size, height=size,
-                                    num_images=8, timeout=GENERATE_TIMEOUT_S).images
-            eight_s = time.perf_counter() - started
-        triton_mb = tree_peak_rss_mb(proc.pid)
+            batch = client.generate("a photo of a dog", num_images=args.serve_images, **fields).images
+            out.update(batch_s=time.perf_counter() - started, batch_images=len(batch),
+                       batch_png_mb=sum(len(i.png) for i in batch) / 2**20, limit_error=False)
+    except CallError as e:  # the stage's failure, recorded: a message limit shows as RESOURCE_EXHAUSTED
+        out.update(error=str(e), limit_error=e.status == grpc.StatusCode.RESOURCE_EXHAUSTED)
     finally:
+        out["serve_tree_peak_rss_mb"] = tree_peak_rss_mb(proc.pid)
         proc.terminate()
         proc.wait(120)
-    return {"ready_s": ready_s, "first_request_s": first_s, "first_images": len(one),
-            "eight_images_s": eight_s, "eight_images": len(eight), "eight_png_mb": sum(len(i.png) for i in eight) / 2**20,
-            "serve_tree_peak_rss_mb": triton_mb, "resolution": size, "steps": 2}
+    return out
 
 
-STAGE_FUNCTIONS: dict[str, Callable[[Path, str], dict[str, Any]]] = {
+STAGE_FUNCTIONS: dict[str, Callable[[Path, argparse.Namespace], dict[str, Any]]] = {
     "build": stage_build, "train": stage_train, "merge": stage_merge, "cold_load": stage_cold_load,
     "onnx": stage_onnx, "serve": stage_serve}
 
 
-def run_stage(name: str, work: Path, family: str) -> dict[str, Any]:
-    """Run one stage in a child process of this script; its figures plus seconds and peak RSS."""
+def run_stage(name: str, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Run one stage in a child process of this script: its figures, seconds and peak RSS; or why it did not run."""
+    need, available = PEAK_GIB[args.family][name], available_gib()
+    if need > available:
+        log(f"stage {name} skipped: needs ~{need:.1f} GiB, {available:.1f} GiB available")
+        return {"skipped": f"needs ~{need:.1f} GiB (estimate, module doc), {available:.1f} GiB available"}
     log(f"stage {name} ...")
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--family", family, "--work", str(work), "--stage", name],
-                          stdout=subprocess.PIPE, text=True)
+    serve = ["--serve-steps", str(args.serve_steps), "--serve-images", str(args.serve_images),
+             "--serve-guidance", str(args.serve_guidance)]
+    proc = subprocess.run([sys.executable, __file__, "--family", args.family, "--work", str(work), "--stage", name,
+                           *serve], stdout=subprocess.PIPE, text=True)
     seconds = time.perf_counter() - started
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
-        log(f"stage {name} failed (exit {proc.returncode})")
-        return {"seconds": seconds, "error": f"exit {proc.returncode}; see the stage's stderr above"}
+        killed = " (SIGKILL: out of memory?)" if proc.returncode == -9 else ""
+        log(f"stage {name} failed (exit {proc.returncode}){killed}")
+        return {"seconds": seconds, "error": f"exit {proc.returncode}{killed}; see the stage's stderr above"}
     result = dict(json.loads(lines[-1]), seconds=seconds)
     log(f"stage {name}: {result}")
     return result
@@ -258,23 +387,28 @@ def run_stage(name: str, work: Path, family: str) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", choices=("sd15", "sdxl"), default="sd15")
+    parser.add_argument("--family", choices=tuple(RESOLUTION), default="sd15")
     parser.add_argument("--work", help="working directory (default: a temporary one, removed at the end)")
     parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset, in order")
+    parser.add_argument("--serve-steps", type=int, default=2, help="denoising steps of each serve Generate")
+    parser.add_argument("--serve-images", type=int, default=8, help="images of serve's second Generate")
+    parser.add_argument("--serve-guidance", type=float, default=7.5,
+                        help="guidance of each serve Generate (1: no classifier-free guidance, half the rows)")
     parser.add_argument("--stage", choices=STAGES, help=argparse.SUPPRESS)  # one stage, in this process
     args = parser.parse_args()
-    if args.family == "sdxl":
-        print("the SDXL rehearsal needs the SDXL model family (issue 17), which has not landed", file=sys.stderr)
-        return 2
     if args.stage:
-        result = STAGE_FUNCTIONS[args.stage](Path(args.work), args.family)
+        try:
+            Path("/proc/self/oom_score_adj").write_text("1000")  # the first to go, with its children
+        except OSError:
+            pass
+        result = STAGE_FUNCTIONS[args.stage](Path(args.work), args)
         print(json.dumps(dict(result, peak_rss_mb=peak_rss_mb())))
         return 0
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     with tempfile.TemporaryDirectory(prefix="customdiff-rehearsal-") as tmp:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        stages = {name: run_stage(name, work, args.family) for name in args.stages.split(",")}
+        stages = {name: run_stage(name, work, args) for name in args.stages.split(",")}
     print(json.dumps({"family": args.family, "load_avg_1m": os.getloadavg()[0], "stages": stages}))
     return 0 if not any("error" in s for s in stages.values()) else 1
 

@@ -259,8 +259,8 @@ class Engine:
         """The text rows of `batch` and their K/V: the one place concepts become K/V, for both batching modes.
 
         Returns:
-            text (states [rows, tokens, hidden], and SDXL's pooled rows); K/V by layer (`compute_kv`); per request, its prompt's row and
-            its negative prompt's row (None without guidance).
+            text (states [rows, tokens, hidden], and SDXL's pooled rows); K/V by layer (`compute_kv`);
+            per request, its prompt's row and its negative prompt's row (None without guidance).
         """
         texts, row_concepts, cond_row, uncond_row = [], [], [], []
         for p in batch:
@@ -294,9 +294,14 @@ class Engine:
         return {"text_embeds": text.pooled, "time_ids": ids.expand(text.states.shape[0], 6)}
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
-        """Latents [n, 4, h, w] -> images [n, H, W, 3] float32 in [0, 1], as the pipeline's output_type="np"."""
+        """Latents [n, 4, h, w] -> images [n, H, W, 3] float32 in [0, 1], as the pipeline's output_type="np".
+
+        One image at a time (the pipelines' ``enable_vae_slicing``): a 1024 px decode holds ~3 GiB of
+        activations, so a batch of 8 would need 24 GiB, and batching gains little at that size.
+        """
         vae = self.base.vae
-        images = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype), return_dict=False)[0]
+        scaled = (latents / vae.config.scaling_factor).to(vae.dtype)
+        images = torch.cat([vae.decode(one, return_dict=False)[0] for one in scaled.split(1)])
         return self.image_processor.postprocess(images, output_type="np")
 
     @torch.inference_mode()
