@@ -185,9 +185,10 @@ def test_pipeline_on_the_three_exported_graphs_matches_the_torch_engine(exported
     engine = exported_engine(load_base(tiny_base_dir), store, run_for, out / UNET / "1" / GRAPH_FILE)
     images = engine.generate_batch(requests)
     assert _max_diff(images, torch_images) < 1e-3
-    # One batch: the text and the images once, the UNet once per timestep (PNDM's 4 steps take 5 calls).
+    # One batch: the text once, the UNet once per timestep (PNDM's 4 steps take 5 calls), the VAE decoder
+    # once per image (the engine decodes one image at a time).
     engine.base.scheduler.set_timesteps(4)
-    assert calls.count(TEXT_ENCODER) == calls.count(VAE_DECODER) == 1
+    assert calls.count(TEXT_ENCODER) == 1 and calls.count(VAE_DECODER) == sum(r.num_images for r in requests) == 4
     assert calls.count(UNET) == len(engine.base.scheduler.timesteps) == 5
 
 
@@ -285,9 +286,11 @@ def test_onnx_repository_pipeline_through_tritonserver_bls(exported, tiny_base_d
             ThreadPoolExecutor(len(requests)) as pool:
         pngs = list(pool.map(lambda r: generate_via_triton(server.grpc_url, MODEL_NAME, r, 300), requests))
         executions = _execution_counts(server.grpc_url, (MODEL_NAME, *MODELS))
-    # Each pipeline execution called the text encoder and the VAE decoder once, the UNet once a timestep.
+    # Each pipeline execution called the text encoder once, the UNet once a timestep; the VAE decoder ran
+    # once per image (the engine decodes one image at a time).
     batches = executions[MODEL_NAME]
-    assert executions[TEXT_ENCODER] == executions[VAE_DECODER] == batches >= 1
+    assert executions[TEXT_ENCODER] == batches >= 1
+    assert executions[VAE_DECODER] == sum(r.num_images for r in requests)
     assert executions[UNET] == 5 * batches
     for got, want in zip(pngs, torch_images):
         assert len(got) == len(want)

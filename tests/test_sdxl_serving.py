@@ -172,8 +172,9 @@ def test_the_pipeline_on_the_four_exported_graphs_matches_the_torch_engine(expor
 
     engine = exported_engine(load_base(sdxl_dir), store, run_for, out / UNET / "1" / GRAPH_FILE)
     assert _max_diff(engine.generate_batch(requests), torch_images) < 1e-3
-    # One call per text encoder and UNet batch (the two sizes make two batches).
-    assert calls.count(TEXT_ENCODER) == calls.count(TEXT_ENCODER_2) == calls.count(VAE_DECODER) == 2
+    # One call per text encoder and UNet batch (the two sizes make two batches), one decode per image.
+    assert calls.count(TEXT_ENCODER) == calls.count(TEXT_ENCODER_2) == 2
+    assert calls.count(VAE_DECODER) == sum(r.num_images for r in requests) == 3
 
 
 def _config(repository: str, name: str) -> model_config_pb2.ModelConfig:
