@@ -254,7 +254,10 @@ def run(argv: list, venv: Path | None = None, cwd: Path | None = None, check: in
 
 
 def pip(venv: Path, *args) -> subprocess.CompletedProcess:
-    return run([venv / "bin/python", "-m", "pip", "install", "-q", "--disable-pip-version-check", *args])
+    """`pip install` into `venv`, without compiling bytecode (what is installed is the same; torch alone has
+    thousands of modules to compile)."""
+    return run([venv / "bin/python", "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-compile",
+                *args])
 
 
 @pytest.fixture(scope="session")

@@ -63,7 +63,7 @@ def light_python(tmp_path_factory) -> Path:
     venv = tmp_path_factory.mktemp("light-venv")
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-compile",
                     "-c", str(ROOT / "deploy" / "docker" / "constraints.txt"), str(ROOT / "clients" / "python")],
                    check=True, capture_output=True)
     return python

@@ -18,7 +18,8 @@ from services.inference.triton_endpoints import TritonEndpoints
 from services.inference.triton_protocol import MODEL_NAME
 from services.inference.triton_server import start_triton
 
-CALLS = 100
+CALLS = 40
+KILL_AFTER = 10
 
 
 @pytest.fixture
@@ -71,20 +72,20 @@ def test_calls_are_split_over_both_replicas_and_survive_one_killed(replicas, fro
     before = [served(s) for s in replicas]
     assert all(len(r.images) == 1 for r in generate_all(front))
     split = [served(s) - b for s, b in zip(replicas, before)]
-    assert sum(split) == CALLS and min(split) >= 30, split
-    # Kill one replica (SIGKILL, its whole process group) after 20 calls; every call still succeeds.
+    assert sum(split) == CALLS and min(split) >= 12, split
+    # Kill one replica (SIGKILL, its whole process group) after 10 calls; every call still succeeds.
     victim, survivor = replicas
     done = []
 
-    def kill_after_20(i: int) -> None:
+    def kill_after_some(i: int) -> None:
         done.append(i)
-        if len(done) == 20:
+        if len(done) == KILL_AFTER:
             os.killpg(victim.process.pid, signal.SIGKILL)
 
     before = served(survivor)
-    assert all(len(r.images) == 1 for r in generate_all(front, kill_after_20))
+    assert all(len(r.images) == 1 for r in generate_all(front, kill_after_some))
     assert victim.process.wait(timeout=30) != 0
-    assert served(survivor) - before >= CALLS - 20 - 4  # the rest (and those in flight on the victim) went there
+    assert served(survivor) - before >= CALLS - KILL_AFTER - 4  # the rest (and those in flight on the victim) went there
 
 
 def test_names_resolve_to_every_replica_and_again_after_a_failure():
