@@ -45,10 +45,18 @@ class BaseModel:
         return pairs
 
 
+def model_index(path: Path, field: str = "base") -> dict:
+    """The directory's `model_index.json`, or `InvalidArgument(field, ...)`."""
+    try:
+        return json.loads((path / "model_index.json").read_text())
+    except (OSError, ValueError) as e:
+        raise InvalidArgument(field, f"{path}/model_index.json is unreadable: {e}") from None
+
+
 def family_of(path: Path) -> str:
     """"sdxl" when the directory names a second text encoder, "sd2" when its text encoder is OpenCLIP's
     (GELU), else "sd1": read from `model_index.json` and the text encoder's config, never a model name."""
-    if "text_encoder_2" in json.loads((path / "model_index.json").read_text()):
+    if "text_encoder_2" in model_index(path):
         return "sdxl"
     act = json.loads((path / "text_encoder" / "config.json").read_text()).get("hidden_act")
     return "sd2" if act == "gelu" else "sd1"
@@ -58,7 +66,7 @@ def check_base_dir(path: str | Path, field: str = "base") -> Path:
     """Raise `InvalidArgument` unless `path` is a diffusers Stable Diffusion directory."""
     p = Path(path)
     components = ["model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler"]
-    if (p / "model_index.json").exists() and "text_encoder_2" in json.loads((p / "model_index.json").read_text()):
+    if (p / "model_index.json").exists() and "text_encoder_2" in model_index(p, field):
         components += ["text_encoder_2", "tokenizer_2"]
     missing = [c for c in components if not (p / c).exists()]
     if missing:
@@ -88,7 +96,7 @@ def load_base(path: str | Path, dtype: torch.dtype = torch.float32, device: str 
     for module in (unet, vae, text_encoder, text_encoder_2):
         if module is not None:
             module.requires_grad_(False)
-    zeros = bool(json.loads((p / "model_index.json").read_text()).get("force_zeros_for_empty_prompt", False))
+    zeros = bool(model_index(p).get("force_zeros_for_empty_prompt", False))
     return BaseModel(p, unet, vae, text_encoder, tokenizer, scheduler, base_fingerprint(unet, tokenizer),
                      text_encoder_2, tokenizer_2, family, zeros)
 
@@ -97,7 +105,7 @@ def load_scheduler(path: Path):
     """The scheduler class and config named in the directory's `model_index.json`."""
     import diffusers
 
-    class_name = json.loads((path / "model_index.json").read_text())["scheduler"][1]
+    class_name = model_index(path)["scheduler"][1]
     return getattr(diffusers, class_name).from_pretrained(path / "scheduler")
 
 

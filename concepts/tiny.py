@@ -32,6 +32,9 @@ HIDDEN = 32  # text-encoder width == UNet cross_attention_dim, as 768 is for SD-
 HIDDEN_SD2 = 48  # as 1024 is for SD-2.x
 HIDDEN_SDXL = (32, 64)  # as (768, 1280)
 SD2_PAD_TOKEN = "!"  # SD-2.x's tokenizer pads with "!" (id 0), SD-1.x's with <|endoftext|>
+# Every family's UNet: two resolutions, one resnet per block; an 8x8 latent is a 64x64 image.
+TINY_UNET = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+                 norm_num_groups=8)
 
 
 def create_tiny_base(directory: str | Path, seed: int = 0, family: str = "sd15") -> Path:
@@ -62,15 +65,10 @@ def create_tiny_base(directory: str | Path, seed: int = 0, family: str = "sd15")
     # SD-2.x: diffusers' `attention_head_dim` is the head count per block ((5, 10, 20, 20) there).
     sd2_unet = {"attention_head_dim": (2, 4), "use_linear_projection": True, "upcast_attention": True}
     unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
+        **TINY_UNET,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=hidden,
-        norm_num_groups=8,
         **(sd2_unet if sd2 else {"attention_head_dim": 8}),
     )
     vae = _vae()
@@ -93,11 +91,7 @@ def _create_tiny_sdxl(out: Path, seed: int) -> Path:
     torch.manual_seed(seed)
     width_1, width_2 = HIDDEN_SDXL
     unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(32, 64),
+        **TINY_UNET,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         transformer_layers_per_block=(1, 2),
@@ -107,7 +101,6 @@ def _create_tiny_sdxl(out: Path, seed: int) -> Path:
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=width_2 + 6 * 8,  # pooled text + 6 time ids x 8
-        norm_num_groups=8,
     )
     vae = _vae(scaling_factor=0.13025, force_upcast=True)
     text_encoder = CLIPTextModel(_text_config(tokenizer, width_1, 37))

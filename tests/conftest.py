@@ -228,3 +228,40 @@ def random_concept(base: BaseModel, seed: int, token: str = "<new1>", rank: int 
         embeddings_2=rows[1] if len(rows) > 1 else None,
         family=base.family,
     )
+
+
+def assert_served_like_the_engine(base: BaseModel, concept: Concept, directory: Path, prompt: str,
+                                  steps: int) -> None:
+    """Import `concept` as diffusers files through ConceptService of `customdiff serve` (inference and a real
+    tritonserver) on `base`, Generate with it, and compare with the engine on what the import stores."""
+    import io
+
+    import numpy as np
+    from customdiff_client import Client
+    from PIL import Image
+
+    from concepts.interop import export_diffusers, import_concept
+    from customdiff.local import start_serve
+    from engine.engine import Engine, to_png
+    from engine.request import GenerationRequest
+
+    files = {p.name: p.read_bytes() for p in export_diffusers(concept, base, directory / "files")}
+    store = ArtifactStore(str(directory / "local"))
+    local = store.put_concept(import_concept(directory / "files", base))  # what the service's import stores
+    proc, ports = start_serve(directory / "serve", api_keys="key-x=x", only=("inference", "triton"),
+                              base_model=str(base.path))
+    try:
+        with Client.for_server(f"127.0.0.1:{ports['inference']}", api_key="key-x") as client:
+            assert client.import_concept("stripes", files, format="diffusers").digest == local
+            response = client.generate(prompt, concepts=["stripes"], negative_prompt="blurry", seed=5,
+                                       num_inference_steps=steps, height=64, width=64)
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=120) == 0
+    request = GenerationRequest(prompt, negative_prompt="blurry", concept_digests=(local,), seed=5,
+                                num_inference_steps=steps, height=64, width=64)
+    (expected,) = Engine(base, store).generate(request)
+    got = np.asarray(Image.open(io.BytesIO(response.images[0].png)), dtype=np.int16)
+    want = np.asarray(Image.open(io.BytesIO(to_png(expected))), dtype=np.int16)
+    assert got.shape == (64, 64, 3) and np.abs(got - want).max() <= 1  # one quantization level
+    assert list(response.concept_digests) == [local]

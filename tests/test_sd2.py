@@ -8,7 +8,6 @@ through the gRPC service and a real tritonserver.
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,6 @@ from diffusers import (
     EulerDiscreteScheduler,
     StableDiffusionPipeline,
 )
-from PIL import Image
 
 from concepts.apply import apply_concepts
 from concepts.base import KV_SUFFIXES, kv_layers, load_base
@@ -29,14 +27,14 @@ from concepts.interop import export_diffusers, import_concept
 from concepts.store import ArtifactStore
 from concepts.tiny import HIDDEN, HIDDEN_SD2, create_tiny_base
 from customdiff.__main__ import main
-from engine.engine import Engine, to_png
+from engine.engine import Engine
 from engine.kv import compute_kv, install_kv_processors
 from engine.onnx_export import export_onnx
 from engine.onnx_unet import onnx_unet
 from engine.request import GenerationRequest
 from engine.schedulers import SCHEDULERS, make_scheduler
 from merger.run import compress_concept, merge_concepts
-from tests.conftest import random_concept
+from tests.conftest import assert_served_like_the_engine, random_concept
 from tests.test_interop import _install_exported
 from tests.trainer_helpers import job_dict, pattern_images
 from trainer.distributed import init_distributed
@@ -258,33 +256,7 @@ def test_diffusers_custom_diffusion_files_round_trip(sd2_dir, tmp_path):
     assert all((back.deltas[n].dense - d.dense).abs().max() <= 1e-6 for n, d in concept.deltas.items())
 
 
-def test_generate_through_the_grpc_service_and_tritonserver(sd2_dir, sd2_store, trained, tmp_path_factory):
+def test_generate_through_the_grpc_service_and_tritonserver(sd2_dir, trained, tmp_path):
     """One Generate with the trained concept, imported as diffusers files through ConceptService."""
-    from customdiff_client import Client
-
-    from customdiff.local import start_serve
-
     result, store = trained
-    base = load_base(sd2_dir)
-    files_dir = tmp_path_factory.mktemp("sd2-export")
-    written = export_diffusers(store.get_concept(result.digest), base, files_dir)
-    files = {p.name: p.read_bytes() for p in written}
-    local = sd2_store.put_concept(import_concept(files_dir, base))  # what the service's import stores
-    proc, ports = start_serve(tmp_path_factory.mktemp("sd2-serve"), api_keys="key-sd2=sd2",
-                              only=("inference", "triton"), base_model=str(sd2_dir))
-    try:
-        with Client.for_server(f"127.0.0.1:{ports['inference']}", api_key="key-sd2") as client:
-            imported = client.import_concept("stripes", files, format="diffusers")
-            assert imported.digest == local
-            response = client.generate(PROMPT, concepts=["stripes"], negative_prompt="blurry", seed=5,
-                                       num_inference_steps=STEPS, height=64, width=64)
-    finally:
-        proc.terminate()
-        assert proc.wait(timeout=120) == 0
-    request = GenerationRequest(PROMPT, negative_prompt="blurry", concept_digests=(local,), seed=5,
-                                num_inference_steps=STEPS, height=64, width=64)
-    (expected,) = Engine(base, sd2_store).generate(request)
-    got = np.asarray(Image.open(io.BytesIO(response.images[0].png)), dtype=np.int16)
-    want = np.asarray(Image.open(io.BytesIO(to_png(expected))), dtype=np.int16)
-    assert got.shape == (64, 64, 3) and np.abs(got - want).max() <= 1  # one quantization level
-    assert list(response.concept_digests) == [local]
+    assert_served_like_the_engine(load_base(sd2_dir), store.get_concept(result.digest), tmp_path, PROMPT, STEPS)

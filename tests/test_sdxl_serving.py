@@ -16,17 +16,15 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from diffusers.models.attention_processor import CustomDiffusionAttnProcessor2_0
 from google.protobuf import text_format
-from PIL import Image
 from safetensors.torch import load_file
 from tritonclient.grpc import model_config_pb2
 
 from concepts.apply import apply_concepts
 from concepts.base import load_base
 from concepts.interop import SDXL_TOKEN_KEYS, WEIGHTS_NAME, export_diffusers, import_concept
-from concepts.store import ArtifactStore
 from concepts.tiny import HIDDEN_SDXL, create_tiny_base
 from customdiff.__main__ import main
-from engine.engine import Engine, to_png
+from engine.engine import Engine
 from engine.kv import compute_kv, install_kv_processors
 from engine.onnx_export import graph_io
 from engine.onnx_pipeline import exported_engine
@@ -42,7 +40,7 @@ from engine.onnx_unet import (
     onnx_unet,
 )
 from engine.request import GenerationRequest
-from tests.conftest import random_concept
+from tests.conftest import assert_served_like_the_engine, random_concept
 from tests.test_onnx import DTYPES, _triton_accepts
 
 STEPS = 3
@@ -285,31 +283,7 @@ def test_a_reference_sdxl_delta_bin_imports_as_it_loads_there(sdxl_dir, tmp_path
     assert _max_diff(_images(by_hand), _images(ours)) <= 1e-4
 
 
-def test_generate_through_the_grpc_service_and_tritonserver(sdxl_dir, tmp_path_factory):
+def test_generate_through_the_grpc_service_and_tritonserver(sdxl_dir, tmp_path):
     """One Generate with a concept imported as diffusers files through ConceptService, on the SDXL base."""
-    from customdiff_client import Client
-
-    from customdiff.local import start_serve
-
     base = load_base(sdxl_dir)
-    files_dir = tmp_path_factory.mktemp("sdxl-export")
-    files = {p.name: p.read_bytes() for p in export_diffusers(random_concept(base, 41), base, files_dir)}
-    store = ArtifactStore(str(tmp_path_factory.mktemp("sdxl-local")))
-    local = store.put_concept(import_concept(files_dir, base))  # what the service's import stores
-    proc, ports = start_serve(tmp_path_factory.mktemp("sdxl-serve"), api_keys="key-xl=xl",
-                              only=("inference", "triton"), base_model=str(sdxl_dir))
-    try:
-        with Client.for_server(f"127.0.0.1:{ports['inference']}", api_key="key-xl") as client:
-            assert client.import_concept("stripes", files, format="diffusers").digest == local
-            response = client.generate(PROMPT, concepts=["stripes"], negative_prompt="blurry", seed=5,
-                                       num_inference_steps=STEPS, height=64, width=64)
-    finally:
-        proc.terminate()
-        assert proc.wait(timeout=120) == 0
-    request = GenerationRequest(PROMPT, negative_prompt="blurry", concept_digests=(local,), seed=5,
-                                num_inference_steps=STEPS, height=64, width=64)
-    (expected,) = Engine(base, store).generate(request)
-    got = np.asarray(Image.open(io.BytesIO(response.images[0].png)), dtype=np.int16)
-    want = np.asarray(Image.open(io.BytesIO(to_png(expected))), dtype=np.int16)
-    assert got.shape == (64, 64, 3) and np.abs(got - want).max() <= 1  # one quantization level
-    assert list(response.concept_digests) == [local]
+    assert_served_like_the_engine(base, random_concept(base, 41), tmp_path, PROMPT, STEPS)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from concepts.base import check_base_dir
+from concepts.base import check_base_dir, model_index
 from concepts.errors import InvalidArgument
 from trainer.data import load_image
 from trainer.spec import JobSpec
@@ -33,24 +33,16 @@ def load_tokenizer(base_dir: Path, name: str = "tokenizer"):
         raise InvalidArgument("base_model", f"{base_dir}/{name} does not load as a CLIP tokenizer: {e}") from None
 
 
-def model_index(base: Path) -> dict:
-    """The directory's ``model_index.json``, or `InvalidArgument("base_model", ...)`."""
-    try:
-        return json.loads((base / "model_index.json").read_text())
-    except (OSError, ValueError) as e:
-        raise InvalidArgument("base_model", f"{base}/model_index.json is unreadable: {e}") from None
-
-
 def tokenizer_names(base: Path) -> tuple[str, ...]:
     """The base's tokenizer folders: SDXL's two, else one."""
-    return ("tokenizer", "tokenizer_2") if "text_encoder_2" in model_index(base) else ("tokenizer",)
+    return ("tokenizer", "tokenizer_2") if "text_encoder_2" in model_index(base, "base_model") else ("tokenizer",)
 
 
 def check_base(path: str) -> Path:
     """A diffusers Stable Diffusion 1.x/2.x or XL directory that names the pipeline of its text encoders
     (`ONE_TEXT_ENCODER`, `TWO_TEXT_ENCODERS`), else `InvalidArgument` naming what is wrong."""
     base = check_base_dir(path, "base_model")
-    index = model_index(base)
+    index = model_index(base, "base_model")
     encoders = 2 if "text_encoder_2" in index else 1
     expected, kind = TWO_TEXT_ENCODERS if encoders == 2 else ONE_TEXT_ENCODER
     pipeline = index.get("_class_name")
