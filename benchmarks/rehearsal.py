@@ -22,33 +22,23 @@ MemAvailable and records {"skipped": reason} for a stage that would not fit. Sta
 oom_score_adj 1000: should an estimate fall short, the kernel ends the stage rather than other work on
 the machine.
 
-SDXL on this machine (2 CPU cores, 24 GB = 23 GiB, no swap), expected. Every stage loads the base in
-float32, as the system does: UNet 2,567M parameters (70 attn2 layers, whose 140 K/V projections hold
-340.8M), text encoders 123M + 695M, VAE 84M: 3,469M, 12.9 GiB in float32, 6.9 GB on disk. Without
-`accelerate` installed, `from_pretrained` builds each model with random weights and then copies the
-fp16 state dict in, so loading peaks at 14.3 GiB (the UNet's). Peaks below come from these counts and
-from tensor lifetimes counted on the meta device; times from FLOPs counted there (a UNet row: 6.8 TFLOP
-at 1024 px, 0.43 at 256; a VAE decode: 10.5 TFLOP at 1024 px) at the ~115 GFLOP/s that the SD-1.5 serve
-stage reached (RESULTS.md), and from SD-1.5's stage times scaled by parameter counts:
+SDXL on this machine (2 CPU cores, 24 GB = 23 GiB, no swap), measured 2026-12-02 (RESULTS.md). Every
+stage loads the base in float32, as the system does: UNet 2,567M parameters (70 attn2 layers, whose 140
+K/V projections hold 340.8M), text encoders 123M + 695M, VAE 84M: 3,469M, 12.9 GiB in float32, 6.6 GB on
+disk. Without `accelerate` installed, `from_pretrained` builds each model with random weights and then
+copies the fp16 state dict in, so loading peaks at 14.3 GiB (the UNet's).
 
-  stage      peak      time        fits 23 GiB
-  build      ~15.5 GiB ~2-3 min    yes (float32 build, fp16 save, float32 load)
-  train      ~21 GiB   ~5-10 min   on an otherwise idle machine: the base, then the K/V originals,
-                                   gradients and both AdamW moments (4 x 1.3 GiB), ~1.4 GiB of
-                                   activations; the artifact ~1.3 GB (full rank, float32)
-  merge      ~21.5 GiB ~10-20 min  on an otherwise idle machine: the base, 3 full-rank concepts (3.8 GiB),
-                                   then copies of both text encoders (3 GiB), then the base's K/V in
-                                   float64 (2.5 GiB) and the merge; 1,200 captions through both text
-                                   encoders take most of the time
-  cold_load  ~3 GiB    < 1 min     yes (1.3 GB read, sha256, decode)
-  onnx       ~26 GiB   ~15-20 min  no, skipped: the base, plus the exporter's folded copies of the UNet's
-                                   weights and then `onnx.load`'s 10.3 GB copy of them, plus forwards at
-                                   1032 px; needs a machine with 32 GB
-  serve      ~17.5 GiB ~7 min      one image: load ~1.5 min, then 2 steps with guidance (4 UNet rows) and
-                                   a 3 GiB float32 VAE decode, ~5.5 min
-             +3 GiB    ~45 min     8 images in one Generate (the engine decodes one image at a time: a
-                                   1024 px decode holds ~3 GiB); `--serve-images 2 --serve-guidance 1`
-                                   takes ~7 min (2 PNGs of ~2.5 MB: still over gRPC's default 4 MB message)
+  stage      peak RSS  time     notes
+  build      15.2 GB   75 s     float32 build, fp16 save, float32 load
+  train      23.6 GB   143 s    float32 with gradient checkpointing (RSS counts the mmapped checkpoint);
+                                the artifact 1.3 GB (full rank, float32)
+  merge      20.5 GB   551 s    1,200 captions through both text encoders take most of it
+  cold_load  2.8 GB    6 s      1.3 GB read, sha256, decode
+  onnx       ~26 GiB   skipped  the base, the exporter's folded copies of the UNet's weights, then
+                                `onnx.load`'s 10.3 GB copy of them: needs a machine with 32 GB
+  serve      18.7 GB   780 s    ready 26 s; one 1024 px image with 2 steps 234 s (the engine decodes one
+                                image at a time: a 1024 px decode holds ~3 GiB); `--serve-images 2
+                                --serve-guidance 1` 515 s; 8 images take ~45 min
 
 Prints progress to stderr and one JSON line last: {"family", "stages": {stage: {"seconds", "peak_rss_mb",
 ...} or {"skipped": reason}}}.
@@ -76,10 +66,15 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 STAGES = ("build", "train", "merge", "cold_load", "onnx", "serve")
 RESOLUTION = {"sd15": 512, "sdxl": 1024}
 TRAIN_RESOLUTION = {"sd15": 128, "sdxl": 256}
+# SDXL trains in float32 here with gradient checkpointing: the base (12.9 GiB) with the trained K/V's
+# originals, gradients and AdamW moments leaves little room for activations. (bf16, which would halve the
+# frozen weights, runs a matmul ~57x slower than float32 on this CPU, which has no bf16 instructions: a
+# 2-step job would take hours.)
+TRAIN_CHECKPOINTING = {"sd15": False, "sdxl": True}
 # Estimated peak of each stage in GiB (module doc; SD-1.5's measured, RESULTS.md, its onnx estimated);
 # the engine decodes one image at a time, so serve's does not grow with the images of a Generate.
 PEAK_GIB = {"sd15": {"build": 5.5, "train": 5.5, "merge": 5.5, "cold_load": 0.5, "onnx": 10.0, "serve": 6.5},
-            "sdxl": {"build": 15.5, "train": 21.0, "merge": 21.5, "cold_load": 3.0, "onnx": 26.0, "serve": 17.5}}
+            "sdxl": {"build": 15.5, "train": 20.0, "merge": 19.0, "cold_load": 3.0, "onnx": 26.0, "serve": 17.5}}
 API_KEY = "rehearsal-key"
 # A 512 px Generate of 8 images (16 UNet rows with guidance) takes minutes on 2 CPU cores, one of 8
 # 1024 px SDXL images about 45 minutes: more than the client's default 300 s deadline.
@@ -228,7 +223,9 @@ def stage_train(work: Path, args: argparse.Namespace) -> dict[str, Any]:
             "class_image_cache_dir": str(work / "class-images"), "device": "cpu",
             "concepts": [{"name": "rehearsal", "class_prompt": "dog", "images": images, "num_class_images": 2}],
             "hyperparameters": {"max_train_steps": 2, "resolution": size, "train_batch_size": 1,
-                                "class_image_steps": 2, "views_per_image": 1}}
+                                "gradient_accumulation_steps": 1,
+                                "class_image_steps": 2, "views_per_image": 1,
+                                "gradient_checkpointing": TRAIN_CHECKPOINTING[args.family]}}
     (work / "spec.json").write_text(json.dumps(spec))
     code = trainer_main(["--spec", str(work / "spec.json")])
     if code != 0:
@@ -264,10 +261,11 @@ def stage_merge(work: Path, args: argparse.Namespace) -> dict[str, Any]:
 
     store = ArtifactStore(str(work / "store"))
     base = load_base(work / "base")
-    trained = store.get_concept((work / "trained.digest").read_text())
-    concepts = [trained] + [_random_concept(base, seed, f"<new{seed}>") for seed in (2, 3)]
+    digests = [(work / "trained.digest").read_text()]
+    digests += [store.put_concept(_random_concept(base, seed, f"<new{seed}>")) for seed in (2, 3)]
+    concepts = [store.get_concept(digest) for digest in digests]  # as the merger service reads them
     started = time.perf_counter()
-    merged, _ = merge_concepts(base, concepts)
+    merged, _ = merge_concepts(base, concepts, parents=digests)
     merged_s = time.perf_counter() - started
     merged_digest = store.put_concept(merged)
     started = time.perf_counter()

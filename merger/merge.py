@@ -110,6 +110,7 @@ def merge_closed_form(
     targets: list[torch.Tensor],
     reg_gram: torch.Tensor,
     ridge: float = DEFAULT_RIDGE,
+    dtype: torch.dtype = torch.float64,
 ) -> tuple[dict[str, torch.Tensor], list[LayerReport], dict[str, float]]:
     """Merge N concepts' deltas on every layer of `base_weights`.
 
@@ -119,9 +120,11 @@ def merge_closed_form(
         targets: per concept, C_i [m_i, in] (every layer shares the input width `in`).
         reg_gram: R = C_reg^T C_reg, [in, in] float64 (see `regularization_gram`).
         ridge: relative Tikhonov term, see the module docstring.
+        dtype: of the merged deltas returned (solved in float64 one layer at a time; all of SDXL's in
+            float64 would hold 2.5 GB).
 
     Returns:
-        module path -> merged delta W - W0 [out, in] float64, one `LayerReport` per layer, and the
+        module path -> merged delta W - W0 [out, in] in `dtype`, one `LayerReport` per layer, and the
         overall numbers (norms summed over layers before the ratio; ``*_max`` over layers).
     """
     if len(deltas) != len(targets):
@@ -137,10 +140,10 @@ def merge_closed_form(
         layer_deltas = [d[name].to(torch.float64) if name in d else torch.zeros_like(w0) for d in deltas]
         errors = torch.cat([d @ c.to(torch.float64).T for d, c in zip(layer_deltas, targets)], dim=1)  # E
         kept = errors @ average.T
-        merged[name] = kept @ projection
+        delta = kept @ projection
         naive = sum(layer_deltas) / len(layer_deltas)
         squares = torch.stack([
-            (merged[name] @ c_all.T - errors).square().sum(),                # residual^2
+            (delta @ c_all.T - errors).square().sum(),                        # residual^2
             ((kept @ drift_gram) * kept).sum(),                               # drift^2
             (naive @ c_all.T - errors).square().sum(),                        # naive residual^2
             ((naive @ reg_gram) * naive).sum(),                               # naive drift^2
@@ -149,6 +152,7 @@ def merge_closed_form(
         ]).clamp_min(0)
         totals += squares
         reports.append(_layer_report(name, squares))
+        merged[name] = delta.to(dtype)
     summary = _summary(reports, totals)
     summary.update(constraints=float(c_all.shape[0]), duplicate_rows=float(c_all.shape[0] - keep.numel()),
                    ridge=float(ridge), concepts=float(len(deltas)))

@@ -35,7 +35,8 @@ _GRAM_LOCK = threading.Lock()
 
 
 def merge_concepts(base: BaseModel, concepts: list[Concept], captions: list[str] | None = None,
-                   ridge: float | None = None, context_captions: int = 0) -> tuple[Concept, MergeReport]:
+                   ridge: float | None = None, context_captions: int = 0,
+                   parents: list[str] | None = None) -> tuple[Concept, MergeReport]:
     """Merge two or more concepts of `base` into one dense concept holding every token.
 
     Args:
@@ -46,6 +47,8 @@ def merge_concepts(base: BaseModel, concepts: list[Concept], captions: list[str]
         context_captions: per token, how many regularization captions naming its class word also
             constrain it, with the token inserted (`merger.features.context_captions`); 0 keeps the
             reference's two target captions only.
+        parents: the concepts' digests when the caller knows them (the store's), for the provenance;
+            None serializes each concept to digest it (an SDXL full-rank concept: 1.4 GB, twice over).
 
     Returns:
         The merged concept (float32 dense deltas; provenance kind "merge") and its report.
@@ -59,6 +62,8 @@ def merge_concepts(base: BaseModel, concepts: list[Concept], captions: list[str]
     # 1. Validate everything before any work.
     if len(concepts) < 2:
         raise InvalidArgument("concepts", f"a merge needs at least 2 concepts, got {len(concepts)}")
+    if parents is not None and len(parents) != len(concepts):
+        raise InvalidArgument("parents", f"{len(parents)} digests for {len(concepts)} concepts")
     ridge = DEFAULT_RIDGE if ridge is None else float(ridge)
     if not ridge >= 0:
         raise InvalidArgument("ridge", f"must be >= 0, got {ridge!r}")
@@ -78,10 +83,11 @@ def merge_concepts(base: BaseModel, concepts: list[Concept], captions: list[str]
     # 3. The closed-form solve on every layer any concept touches.
     names = sorted(set().union(*(c.deltas for c in concepts)))
     merged, reports, summary = merge_closed_form(
-        {n: layers[n].weight.detach().to("cpu", torch.float64) for n in names},
-        # float32, not float64: the solve upcasts one layer at a time, so 10 SD concepts stay ~0.8 GB.
+        # The weights as they are and the deltas float32, not float64: the solve upcasts one layer at a
+        # time, so 10 SD concepts stay ~0.8 GB (and SDXL's K/V are not copied: 2.5 GB in float64).
+        {n: layers[n].weight.detach().cpu() for n in names},
         [{n: d.to_dense() for n, d in c.deltas.items()} for c in concepts],
-        targets, reg_gram, ridge,
+        targets, reg_gram, ridge, dtype=torch.float32,  # what the artifact stores
     )
     summary["captions"] = float(len(captions))
     # 4. One concept with every (renamed) token, its deltas stored exactly as they are cheapest.
@@ -94,7 +100,7 @@ def merge_concepts(base: BaseModel, concepts: list[Concept], captions: list[str]
         family=base.family,
         base_fingerprint=base.fingerprint,
         class_words=tuple(w for c in renamed for w in (c.class_words or ("",) * len(c.tokens))),
-        provenance={"kind": "merge", "parents": [digest_of(concept_to_bytes(c)) for c in concepts],
+        provenance={"kind": "merge", "parents": parents or [digest_of(concept_to_bytes(c)) for c in concepts],
                     "ridge": ridge, "captions": len(captions), "context_captions": context_captions,
                     "renamed_tokens": renames},
     )

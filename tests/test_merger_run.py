@@ -227,3 +227,14 @@ def test_merged_factors_hold_the_closed_form_delta_exactly(base, concepts, merge
     dense, _ = merge_concepts(base, concepts[:2])
     for name, delta in dense.deltas.items():
         torch.testing.assert_close(factored.deltas[name].to_dense(), delta.dense, rtol=1e-5, atol=1e-7)
+
+
+def test_known_parent_digests_go_into_the_provenance_without_serializing_the_parents(base, concepts, merged_two,
+                                                                                     monkeypatch):
+    digests = [digest_of(concept_to_bytes(c)) for c in concepts[:2]]
+    monkeypatch.setattr("merger.run.concept_to_bytes", None)  # a parent serialized would fail
+    concept, _ = merge_concepts(base, concepts[:2], parents=digests)
+    assert concept.provenance == merged_two[0].provenance
+    assert all(torch.equal(concept.deltas[n].to_dense(), d.to_dense()) for n, d in merged_two[0].deltas.items())
+    with pytest.raises(InvalidArgument, match="parents: 1 digests for 2 concepts"):
+        merge_concepts(base, concepts[:2], parents=digests[:1])

@@ -109,7 +109,8 @@ class MergerJobs:
             if row.kind == "merge":
                 result, report = merge_concepts(self.base(), concepts, captions=domain.get("captions"),
                                                 ridge=domain.get("ridge"),
-                                                context_captions=domain.get("context_captions", 0))
+                                                context_captions=domain.get("context_captions", 0),
+                                                parents=[r.digest for r in inputs])
                 MERGE_SECONDS.observe(time.perf_counter() - started)
                 MERGE_RESIDUAL.set(report.summary.get("residual", 0.0))
                 MERGE_DRIFT.set(report.summary.get("drift", 0.0))
