@@ -127,7 +127,7 @@ def run_ours(base: BaseModel, work: Path, device: torch.device, args: argparse.N
         "base_model": str(work), "store_url": str(work / "store"), "work_dir": str(work / "job"),
         "concepts": [{"name": "bench", "class_prompt": "dog", "images": images}],
         "hyperparameters": {"resolution": args.resolution, "train_batch_size": args.batch // 2,
-                            "mixed_precision": precision, "views_per_image": 4},
+                            "gradient_accumulation_steps": 1, "mixed_precision": precision, "views_per_image": 4},
     })
     ctx = DistContext(0, 1, 0, device)
     if device.type == "cuda":

@@ -3,7 +3,8 @@
 diffusers (examples/custom_diffusion/train_custom_diffusion.py):
   ``pytorch_custom_diffusion_weights.safetensors``  ``<attn2 processor>.to_k_custom_diffusion.weight`` and
       ``.to_v_custom_diffusion.weight``, FULL weights [out, in]; with ``--freeze_model crossattn`` also
-      ``.to_q_custom_diffusion.weight`` and ``.to_out_custom_diffusion.0.weight`` / ``.bias``
+      ``.to_q_custom_diffusion.weight`` and ``.to_out_custom_diffusion.0.weight`` / ``.bias``: read,
+      and refused when they change to_q or to_out (the engine serves to_k/to_v deltas only)
   ``<token>.safetensors``                            ``{token: [hidden]}``; for a base with two text
       encoders (SDXL) ``{"clip_l": [1, hidden], "clip_g": [1, hidden_2]}``, the SDXL textual-inversion
       layout: diffusers' `load_textual_inversion` takes each key with its ``text_encoder``/``tokenizer``
@@ -57,14 +58,12 @@ def diffusers_weights(concept: Concept, unet: torch.nn.Module) -> dict[str, torc
 
     One entry per parameter of every attn2 processor, FULL weights ``W0 + delta`` in float32 (the
     training script casts the UNet to float32 before saving); low-rank deltas are expanded. The
-    ``crossattn`` layout (to_q and to_out too) is used when the concept changes any to_q or to_out.0.
+    ``crossattn_kv`` layout: to_k and to_v.
 
     Raises:
         InvalidArgument: the concept changes a layer the format cannot hold.
     """
     projections = ["to_k", "to_v"]
-    if any(not name.endswith(KV_SUFFIXES) for name in concept.deltas):
-        projections = ["to_q", "to_k", "to_v", "to_out.0"]
     modules = dict(unet.named_modules())
     attns = [p.removesuffix(".processor") for p in unet.attn_processors if p.endswith("attn2.processor")]
     exported = {f"{attn}.{proj}" for attn in attns for proj in projections}
@@ -80,8 +79,6 @@ def diffusers_weights(concept: Concept, unet: torch.nn.Module) -> dict[str, torc
                 weight = weight + concept.deltas[f"{attn}.{proj}"].to_dense(torch.float32)
             key = f"{attn}.processor.{_PROCESSOR_PARAMS[proj]}"
             tensors[f"{key}.weight"] = weight.contiguous()
-            if proj == "to_out.0":
-                tensors[f"{key}.bias"] = layer.bias.detach().to("cpu", torch.float32).contiguous()
     return tensors
 
 
@@ -342,6 +339,11 @@ def _deltas_against(params: Params, base: BaseModel, source: Path) -> dict[str, 
             raise InvalidArgument("path", message)
         if kind == "weight" and delta.any():
             deltas[module] = LinearDelta(dense=delta.contiguous())
+    unservable = sorted(m for m in deltas if not m.endswith(KV_SUFFIXES))
+    if unservable:
+        raise InvalidArgument("path", f"{source}: changes {unservable[0]} ({len(unservable)} to_q/to_out layers: "
+                              "trained with --freeze_model crossattn); customdiff serves to_k/to_v concepts only "
+                              "(the engine applies them per request): train with crossattn_kv")
     return dict(sorted(deltas.items()))
 
 

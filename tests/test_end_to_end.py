@@ -30,7 +30,7 @@ def _train(client: Client, name: str):
     concept = tpb.ConceptSpec(name=name, class_prompt=class_prompt, num_class_images=1,
                               images=[tpb.ImageInput(data=data) for data in photos(name)[:2]])
     events = []
-    job = client.train([concept], hyperparameters=tpb.Hyperparameters(resolution=64, max_train_steps=4),
+    job = client.train([concept], hyperparameters=tpb.Hyperparameters(resolution=64, max_train_steps=4, effective_batch_size=2),
                        on_event=events.append)
     assert [e.training_job.state for e in events][0] in (resources_pb2.JOB_STATE_QUEUED, resources_pb2.JOB_STATE_RUNNING)
     assert max(e.training_job.progress.step for e in events) == 4

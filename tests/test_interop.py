@@ -9,7 +9,7 @@ from diffusers.models.attention_processor import CustomDiffusionAttnProcessor2_0
 from safetensors.torch import load_file
 
 from concepts.apply import apply_concepts
-from concepts.artifact import Concept, LinearDelta, concept_to_bytes, digest_of
+from concepts.artifact import Concept, concept_to_bytes, digest_of
 from concepts.base import CROSSATTN_SUFFIXES, kv_layers, load_base
 from concepts.errors import BaseMismatch, CorruptArtifact, InvalidArgument
 from concepts.interop import WEIGHTS_NAME, export_diffusers, import_concept, ldm_block_prefixes
@@ -80,24 +80,11 @@ def _install_exported(pipe, out) -> None:
         pipe.load_textual_inversion(str(out), weight_name=token_file.name)
 
 
-def _crossattn_concept(base, seed: int) -> Concept:
-    """Deltas on every attn2 projection (train_custom_diffusion.py --freeze_model crossattn)."""
-    g = torch.Generator().manual_seed(seed)
-    concept = random_concept(base, seed=seed)
-    deltas = {
-        n: LinearDelta(dense=0.05 * torch.randn(layer.weight.shape, generator=g))
-        for n, layer in kv_layers(base.unet, CROSSATTN_SUFFIXES).items()
-    }
-    return Concept(deltas, concept.tokens, concept.embeddings, concept.base_fingerprint, concept.class_words)
-
-
-@pytest.mark.parametrize("mode,rank", [("kv", None), ("kv", 2), ("crossattn", None)])
+@pytest.mark.parametrize("rank", [None, 2])
 def test_diffusers_with_exported_processors_matches_own_application(
-    tmp_path, tiny_base_dir, tiny_base, base_image, mode, rank
+    tmp_path, tiny_base_dir, tiny_base, base_image, rank
 ):
-    concept = (
-        _crossattn_concept(tiny_base, 21) if mode == "crossattn" else random_concept(tiny_base, 21, rank=rank)
-    )
+    concept = random_concept(tiny_base, 21, rank=rank)
     export_diffusers(concept, tiny_base, tmp_path / "export")
     theirs = _pipe(tiny_base_dir)
     _install_exported(theirs, tmp_path / "export")
@@ -114,7 +101,7 @@ def test_diffusers_with_exported_processors_matches_own_application(
         tmp_path / "export" / WEIGHTS_NAME
     ).read_bytes()
     keys = load_file(tmp_path / "export" / WEIGHTS_NAME).keys()
-    assert len(keys) == (14 if mode == "kv" else 7 * 5)
+    assert len(keys) == 14
     assert "mid_block.attentions.0.transformer_blocks.0.attn2.processor.to_k_custom_diffusion.weight" in keys
 
 
@@ -172,9 +159,7 @@ def test_original_delta_bin_imports(tmp_path, tiny_base):
     assert list(imported.provenance["files"]) == ["delta.bin"]
 
 
-def test_original_crossattn_delta_bin_keeps_changed_projections_and_refuses_a_trained_bias(
-    tmp_path, tiny_base
-):
+def test_original_crossattn_delta_bin_is_refused_where_it_changes_to_q_or_to_out(tmp_path, tiny_base):
     attn = "up_blocks.0.attentions.1.transformer_blocks.0.attn2"
     unet = {
         f"{n}.{kind}": getattr(m, kind).detach().clone()
@@ -182,11 +167,18 @@ def test_original_crossattn_delta_bin_keeps_changed_projections_and_refuses_a_tr
         for kind in ("weight", "bias")
         if getattr(m, kind) is not None
     }
-    unet[f"{attn}.to_q.weight"] += 0.01
+    unet[f"{attn}.to_k.weight"] += 0.01
     torch.save({"unet": unet, "modifier_token": {}}, tmp_path / "delta.bin")
     imported = import_concept(tmp_path / "delta.bin", tiny_base)
-    assert list(imported.deltas) == [f"{attn}.to_q"] and imported.tokens == ()  # unchanged layers dropped
-    assert torch.allclose(imported.deltas[f"{attn}.to_q"].dense, torch.full((64, 64), 0.01), atol=1e-6)
+    assert list(imported.deltas) == [f"{attn}.to_k"] and imported.tokens == ()  # unchanged layers dropped
+    assert torch.allclose(imported.deltas[f"{attn}.to_k"].dense, torch.full((64, 32), 0.01), atol=1e-6)
+
+    unet[f"{attn}.to_q.weight"] += 0.01
+    unet[f"{attn}.to_out.0.weight"] += 0.01
+    torch.save({"unet": unet}, tmp_path / "delta.bin")
+    with pytest.raises(InvalidArgument, match=rf"delta.bin: changes {attn}.to_out.0 \(2 to_q/to_out layers: trained "
+                       r"with --freeze_model crossattn\); customdiff serves to_k/to_v concepts only"):
+        import_concept(tmp_path / "delta.bin", tiny_base)
 
     unet[f"{attn}.to_out.0.bias"] += 0.01
     torch.save({"unet": unet}, tmp_path / "delta.bin")

@@ -108,7 +108,8 @@ def bucket(samples: dict, name: str, le: float) -> float:
 def train(client: Client, name: str) -> tpb.TrainingJob:
     concept = tpb.ConceptSpec(name=name, class_prompt="dog", num_class_images=1,
                               images=[tpb.ImageInput(data=stripes_png(s)) for s in (0, 3)])
-    return client.train([concept], hyperparameters=tpb.Hyperparameters(resolution=64, max_train_steps=12))
+    return client.train([concept], hyperparameters=tpb.Hyperparameters(resolution=64, max_train_steps=12,
+                                                                         effective_batch_size=2))
 
 
 def generate_request(name: str, version: int = 0, steps: int = 4) -> ipb.GenerateRequest:

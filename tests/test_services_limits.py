@@ -145,7 +145,7 @@ def test_each_quota_is_resource_exhausted_with_quota_failure_and_writes_nothing(
     a = clients["a"]
     request = lambda images, **kw: tpb.CreateTrainingJobRequest(  # noqa: E731
         concepts=[tpb.ConceptSpec(name="dog", class_prompt="dog", images=[tpb.ImageInput(data=d) for d in images])],
-        hyperparameters=tpb.Hyperparameters(resolution=64, max_train_steps=2), **kw)
+        hyperparameters=tpb.Hyperparameters(resolution=64, max_train_steps=2, effective_batch_size=2), **kw)
     try:
         # gpus_per_job: 4 GPUs x 1 node > 2
         with pytest.raises(grpc.RpcError) as e:

@@ -118,7 +118,8 @@ def test_upload_then_train_by_reference(env):
     request = tpb.CreateTrainingJobRequest(
         concepts=[tpb.ConceptSpec(name="stripes", class_prompt="square", num_class_images=2,
                                   images=[tpb.ImageInput(uri=i.uri) for i in response.images[:2]])],
-        hyperparameters=tpb.Hyperparameters(resolution=64, max_train_steps=2, train_batch_size=1))
+        hyperparameters=tpb.Hyperparameters(resolution=64, max_train_steps=2, train_batch_size=1,
+                                             effective_batch_size=1))
     job = stub.CreateTrainingJob(request, metadata=_key("a"), timeout=60).training_job
     try:
         assert job.state in (resources_pb2.JOB_STATE_QUEUED, resources_pb2.JOB_STATE_RUNNING)

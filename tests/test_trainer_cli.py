@@ -29,7 +29,7 @@ def test_customdiff_train_stores_an_artifact(tiny_base_dir, tmp_path, capsys, mo
     concept = ArtifactStore(str(tmp_path / "store")).get_concept(summary["digest"])
     assert concept.tokens == ("<new1>",) and concept.class_words == ("dog",)
     assert concept.provenance["steps"] == 3 and concept.provenance["concept_name"] == "stripes"
-    assert "training" in err and "loss=" in err and "lr=4.00e-05" in err  # postfix; 1e-5 x batch 2 x 2 (prior)
+    assert "training" in err and "loss=" in err and "lr=8.00e-05" in err  # 1e-5 x (4 + 4) images, the paper's
     assert "class images of 'dog': 100%" in err and "2/2" in err
     assert json.loads((tmp_path / "work" / "result.json").read_text())["digest"] == summary["digest"]
 

@@ -9,7 +9,8 @@ from PIL import Image
 
 from trainer.batches import BatchMaker, EncodedExamples
 from trainer.data import augmented_view, center_square, instance_examples, load_image, paste_mask
-from trainer.loop import diffusion_loss, learning_rate
+from trainer.loop import batch_plan, diffusion_loss, learning_rate
+from trainer.spec import Hyperparameters
 
 
 def test_exif_orientation_is_applied(tmp_path):
@@ -114,3 +115,22 @@ def test_learning_rate_scales_like_the_reference():
     assert learning_rate(1e-5, 2, 4, 3, prior=True, scale=True) == pytest.approx(1e-5 * 2 * 4 * 3 * 2)
     assert learning_rate(1e-5, 2, 4, 3, prior=False, scale=True) == pytest.approx(1e-5 * 24)
     assert learning_rate(1e-5, 2, 4, 3, prior=True, scale=False) == 1e-5
+
+
+@pytest.mark.parametrize("processes,micro,accumulation", [(1, 2, 2), (2, 2, 1), (4, 1, 1)])
+def test_one_two_and_four_processes_train_the_papers_batch_at_its_learning_rate(processes, micro, accumulation):
+    hp = Hyperparameters()
+    plan = batch_plan(hp.effective_batch_size, processes, hp.train_batch_size, hp.gradient_accumulation_steps)
+    assert plan == (micro, accumulation)
+    assert micro * processes * accumulation == 4  # + 4 class images: the paper's batch of 8
+    lr = learning_rate(hp.learning_rate, micro, processes, accumulation, hp.with_prior_preservation, hp.scale_lr)
+    assert lr == pytest.approx(8e-5)  # the paper's
+
+
+def test_the_batch_plan_keeps_what_the_spec_sets_and_rounds_up_for_odd_process_counts():
+    assert batch_plan(4, 1, 4, None) == (4, 1)  # train_batch_size alone: accumulation to the effective batch
+    assert batch_plan(4, 1, 1, None) == (1, 4)
+    assert batch_plan(4, 1, None, 4) == (1, 4)  # accumulation alone: the micro-batch
+    assert batch_plan(4, 2, 3, 5) == (3, 5)  # both: the spec's step, whatever the effective batch
+    assert batch_plan(4, 3, None, None) == (2, 1)  # 3 processes: 6 target images per step
+    assert batch_plan(8, 1, None, None) == (2, 4)

@@ -63,7 +63,10 @@ def test_defaults_follow_the_reference_and_round_trip(tiny_base_dir, tmp_path, i
     (lambda d: d["hyperparameters"].update(learning_rate=0.5), "hyperparameters.learning_rate",
      "must be > 0.0 and <= 0.001, got 0.5"),
     (lambda d: d["hyperparameters"].update(train_mode="all"), "hyperparameters.train_mode",
-     "must be one of ['crossattn_kv', 'crossattn'], got 'all'"),
+     "must be one of ['crossattn_kv'], got 'all'"),
+    (lambda d: d["hyperparameters"].update(train_mode="crossattn"), "hyperparameters.train_mode",
+     "'crossattn' (to_q and to_out too) is not offered: those deltas act on the image features at every step, "
+     "which the engine cannot apply per request; use 'crossattn_kv'"),
     (lambda d: d["hyperparameters"].update(mixed_precision="fp8"), "hyperparameters.mixed_precision",
      "must be one of ['no', 'fp16', 'bf16'], got 'fp8'"),
     (lambda d: d["hyperparameters"].update(resolution=100), "hyperparameters.resolution",

@@ -16,7 +16,6 @@ from trainer.model import prepare_model
 from trainer.spec import JobSpec
 from trainer.tokens import TokenRows, add_modifier_tokens
 
-ATTN2 = ("attn2.to_q.weight", "attn2.to_k.weight", "attn2.to_v.weight", "attn2.to_out.0.weight")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -114,15 +113,6 @@ def test_a_second_job_reuses_cached_class_images_and_a_relaunch_reuses_the_resul
     assert again.digest == result.digest and events == [{"event": "done", "digest": result.digest}]
 
 
-def test_crossattn_mode_trains_all_of_attn2(tiny_base_dir, tmp_path):
-    d = job_dict(tiny_base_dir, tmp_path, pattern_images(tmp_path / "img"),
-                 {"max_train_steps": 2, "train_mode": "crossattn", "with_prior_preservation": False})
-    result, _ = _run(d)
-    fresh = load_base(tiny_base_dir)
-    expected = {n for n, _ in fresh.unet.named_parameters() if n.endswith(ATTN2) and ".attn2." in n}
-    assert len(expected) == 28 and _changed(result.base.unet, fresh.unet) == expected
-
-
 def test_training_lowers_the_loss_on_a_distinctive_pattern(tiny_base_dir, tmp_path):
     images = pattern_images(tmp_path / "img")
 
@@ -201,7 +191,7 @@ def test_gradient_checkpointing_gives_the_same_weights(tiny_base_dir, tmp_path):
 def test_key_and_value_of_the_start_token_get_no_gradient(tiny_base):
     ids, rows = add_modifier_tokens(tiny_base.tokenizer, tiny_base.text_encoder, ["<new1>"], ["ktn"])
     token_rows = TokenRows(tiny_base.text_encoder.get_input_embeddings(), ids, rows)
-    prepare_model(tiny_base, token_rows, "crossattn_kv", "no", torch.device("cpu"), False)
+    prepare_model(tiny_base, token_rows, "no", torch.device("cpu"), False)
     layer = next(iter(kv_layers(tiny_base.unet).values()))
     states = torch.randn(1, 77, layer.in_features)
     torch.nn.functional.linear(states, layer.weight)[:, 0].sum().backward()  # without the hook

@@ -30,9 +30,10 @@ def pattern_images(directory: Path, count: int = 3, size: int = 64, kind: str = 
 
 def job_dict(base_dir: Path, root: Path, images: list[str], hyperparameters: dict[str, Any] | None = None,
              **top: Any) -> dict[str, Any]:
-    """A job spec for the tiny base: 64x64, 4 views per image, 2 generated class images in 2 steps."""
+    """A job spec for the tiny base: 64x64, 4 views per image, 2 generated class images in 2 steps, 2 + 2
+    images per optimizer step."""
     hp = {"max_train_steps": 4, "resolution": 64, "views_per_image": 4, "class_image_steps": 2,
-          **(hyperparameters or {})}
+          "effective_batch_size": 2, **(hyperparameters or {})}
     spec = {
         "base_model": str(base_dir), "store_url": str(root / "store"), "work_dir": str(root / "work"),
         "concepts": [{"name": "stripes", "class_prompt": "dog", "images": images, "num_class_images": 2}],
@@ -61,6 +62,7 @@ def training_request(steps: int, checkpointing_steps: int, request_id: str, num_
         concepts=[tpb.ConceptSpec(name="stripes", class_prompt="square", num_class_images=num_class_images,
                                   images=[tpb.ImageInput(data=stripes_png(i)) for i in range(2)])],
         hyperparameters=tpb.Hyperparameters(resolution=64, max_train_steps=steps, train_batch_size=1,
+                                            effective_batch_size=1,
                                             checkpointing_steps=checkpointing_steps),
         request_id=request_id)
 

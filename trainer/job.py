@@ -18,7 +18,7 @@ from trainer.checkpoint import load_checkpoint, remove_checkpoint, save_checkpoi
 from trainer.class_images import class_images_for
 from trainer.data import class_examples, instance_examples, load_image
 from trainer.distributed import DistContext, init_distributed
-from trainer.loop import TrainState, learning_rate, make_optimizer, train_step, wrap_distributed
+from trainer.loop import TrainState, batch_plan, learning_rate, make_optimizer, train_step, wrap_distributed
 from trainer.model import TOKEN_PARAM, TOKEN_PARAM_2, autocast, encode_text, prepare_model
 from trainer.progress import ProgressLog, StepTimer, read_result, write_result
 from trainer.spec import JobSpec, check_inputs
@@ -82,7 +82,7 @@ def build_state(spec: JobSpec, base: BaseModel, class_lists: list[list[tuple[Pat
         token_ids, rows = add_modifier_tokens(tokenizer, text_encoder, [c.modifier_token for c in spec.concepts],
                                               [c.initializer_token for c in spec.concepts])
         token_rows.append(TokenRows(text_encoder.get_input_embeddings(), token_ids, rows))
-    model, params, originals = prepare_model(base, token_rows[0], hp.train_mode, hp.mixed_precision, ctx.device,
+    model, params, originals = prepare_model(base, token_rows[0], hp.mixed_precision, ctx.device,
                                              hp.gradient_checkpointing, token_rows[1] if len(token_rows) > 1 else None)
     progress.state("encoding latents", "target views and class images through the VAE, once per job")
     instance, classes = _encode_data(spec, base, class_lists, ctx)
@@ -92,18 +92,19 @@ def build_state(spec: JobSpec, base: BaseModel, class_lists: list[list[tuple[Pat
             class_states, class_pooled = encode_text([e for _, e in base.text_pairs],
                                                      tokenize_pairs(base, classes.captions, ctx.device),
                                                      base.text_pairs[-1][0].eos_token_id)
+    batch, accumulation = batch_plan(hp.effective_batch_size, ctx.world_size, hp.train_batch_size,
+                                     hp.gradient_accumulation_steps)
     batches = BatchMaker(instance, tokenize_pairs(base, instance.captions, ctx.device), classes, class_states,
-                         seed=hp.seed, global_batch=hp.train_batch_size * ctx.world_size, rank=ctx.rank,
+                         seed=hp.seed, global_batch=batch * ctx.world_size, rank=ctx.rank,
                          world_size=ctx.world_size, scaling_factor=base.vae.config.scaling_factor,
                          num_train_timesteps=base.scheduler.config.num_train_timesteps, class_pooled=class_pooled)
-    lr = learning_rate(hp.learning_rate, hp.train_batch_size, ctx.world_size, hp.gradient_accumulation_steps,
-                       hp.with_prior_preservation, hp.scale_lr)
+    lr = learning_rate(hp.learning_rate, batch, ctx.world_size, accumulation, hp.with_prior_preservation, hp.scale_lr)
     state = TrainState(
         model=wrap_distributed(model, ctx), params=params,
         optimizer=make_optimizer(params, lr, hp.weight_decay, ctx.device),
         scaler=torch.amp.GradScaler(ctx.device.type, enabled=hp.mixed_precision == "fp16"),
         batches=batches, noise_scheduler=DDPMScheduler.from_config(base.scheduler.config), ctx=ctx,
-        precision=hp.mixed_precision, accumulation=hp.gradient_accumulation_steps,
+        precision=hp.mixed_precision, accumulation=accumulation,
         max_grad_norm=hp.max_grad_norm, prior_loss_weight=hp.prior_loss_weight if hp.with_prior_preservation else 0.0,
     )
     return state, token_rows, originals
@@ -125,7 +126,7 @@ def _train(spec: JobSpec, state: TrainState, key: str, progress: ProgressLog) ->
     start = load_checkpoint(spec.work_dir, key, state.params, state.optimizer, state.scaler)
     steps = f"steps {start + 1} to {stop} of {total}" if start < stop else "already trained"
     progress.state("training", f"resumed from the checkpoint at step {start}; {steps}" if start else steps)
-    per_step = hp.train_batch_size * state.ctx.world_size * hp.gradient_accumulation_steps
+    per_step = state.batches.global_batch * state.accumulation
     timer = StepTimer(per_step * (2 if hp.with_prior_preservation else 1))
     lr = state.optimizer.param_groups[0]["lr"]
     for step in range(start, stop):

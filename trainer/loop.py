@@ -43,6 +43,21 @@ def learning_rate(base_lr: float, batch: int, world_size: int, accumulation: int
     return base_lr * batch * world_size * accumulation * (2.0 if prior else 1.0)
 
 
+MICRO_BATCH = 2  # target images per process at once when the spec leaves it to the trainer (memory)
+
+
+def batch_plan(effective: int, world_size: int, batch: int | None, accumulation: int | None) -> tuple[int, int]:
+    """(target images per process and micro-batch, micro-batches per optimizer step) for `world_size`
+    processes: what the spec sets, the rest chosen so that an optimizer step sees `effective` target images
+    (the next multiple of the process count when it does not divide)."""
+    per_process = -(-effective // world_size)
+    if batch is None:
+        batch = min(MICRO_BATCH, per_process) if accumulation is None else -(-per_process // accumulation)
+    if accumulation is None:
+        accumulation = -(-per_process // batch)
+    return batch, accumulation
+
+
 @dataclass
 class TrainState:
     """Everything a step needs. `model` is the DDP wrapper when there are several processes."""

@@ -15,18 +15,13 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 from torch import nn
 
-from concepts.base import CROSSATTN_SUFFIXES, KV_SUFFIXES, BaseModel, kv_layers
+from concepts.base import KV_SUFFIXES, BaseModel, kv_layers
 from concepts.conditioning import pooled_at_end
 from trainer.tokens import TokenRows
 
 PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TOKEN_PARAM = "token_rows"
 TOKEN_PARAM_2 = "token_rows_2"  # the second text encoder's rows (SDXL)
-
-
-def trainable_suffixes(train_mode: str) -> tuple[str, ...]:
-    """Module-path suffixes of the trained linear layers: K/V only, or all of attn2."""
-    return KV_SUFFIXES if train_mode == "crossattn_kv" else CROSSATTN_SUFFIXES
 
 
 def autocast(device: torch.device, precision: str):
@@ -108,7 +103,7 @@ class CustomDiffusionModel(nn.Module):
 
 
 def prepare_model(
-    base: BaseModel, token_rows: TokenRows, train_mode: str, precision: str, device: torch.device,
+    base: BaseModel, token_rows: TokenRows, precision: str, device: torch.device,
     gradient_checkpointing: bool, token_rows_2: TokenRows | None = None,
 ) -> tuple[CustomDiffusionModel, dict[str, nn.Parameter], dict[str, torch.Tensor]]:
     """Freeze and cast the base, make the trained weights float32 parameters, install the hooks.
@@ -124,7 +119,7 @@ def prepare_model(
         two text encoders, ``token_rows_2``); the original float32 weights by module path, for the deltas.
     """
     dtype = PRECISION_DTYPES[precision]
-    layers = kv_layers(base.unet, trainable_suffixes(train_mode))
+    layers = kv_layers(base.unet)
     originals = {name: layer.weight.detach().float().cpu().clone() for name, layer in sorted(layers.items())}
     encoders = [encoder for _, encoder in base.text_pairs]
     for module in (base.unet, *encoders, base.vae):

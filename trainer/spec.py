@@ -22,7 +22,7 @@ from concepts.errors import InvalidArgument
 DEFAULT_INITIALIZERS = ("ktn", "pll", "ucd", "sks")
 DEFAULT_INSTANCE_PROMPT = "photo of a {token} {class_prompt}"
 STEPS_PER_CONCEPT = 250  # the reference: 250 steps for one concept, 500 for two
-TRAIN_MODES = ("crossattn_kv", "crossattn")
+TRAIN_MODES = ("crossattn_kv",)
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 MAX_STEPS = 20_000
@@ -137,6 +137,11 @@ class ConceptSpec:
 class Hyperparameters:
     """Training settings; the defaults are the reference's (docs/job-spec.md).
 
+    The batch: `effective_batch_size` target images per optimizer step over every process (plus as many
+    class images with prior preservation: the paper's 4 + 4). An unset `train_batch_size` (per process and
+    micro-batch) or `gradient_accumulation_steps` is derived from it for the job's process count
+    (`trainer.loop.batch_plan`).
+
     `resolution` None means the base's own size (`trainer.inputs.native_resolution`), filled in by
     `check_inputs` once the base is known, as diffusers pipelines default height and width.
     """
@@ -144,8 +149,9 @@ class Hyperparameters:
     max_train_steps: int | None = None
     learning_rate: float = 1e-5
     scale_lr: bool = True
-    train_batch_size: int = 2
-    gradient_accumulation_steps: int = 1
+    effective_batch_size: int = 4
+    train_batch_size: int | None = None
+    gradient_accumulation_steps: int | None = None
     with_prior_preservation: bool = True
     prior_loss_weight: float = 1.0
     resolution: int | None = None
@@ -170,8 +176,10 @@ class Hyperparameters:
         _check_float(self, "max_grad_norm", 0.0, lo_open=True)
         for name in ("scale_lr", "with_prior_preservation", "gradient_checkpointing", "augment", "hflip"):
             _check_bool(name, getattr(self, name))
-        _check_int("train_batch_size", self.train_batch_size, 1, 256)
-        _check_int("gradient_accumulation_steps", self.gradient_accumulation_steps, 1, 256)
+        _check_int("effective_batch_size", self.effective_batch_size, 1, 1024)
+        for name in ("train_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), 1, 256)
         if self.resolution is not None:
             _check_int("resolution", self.resolution, 64, 2048)
             if self.resolution % 64:
@@ -180,6 +188,10 @@ class Hyperparameters:
         _check_int("checkpointing_steps", self.checkpointing_steps, 1)
         _check_int("views_per_image", self.views_per_image, 1, 1024)
         _check_int("class_image_steps", self.class_image_steps, 1, 1000)
+        if self.train_mode == "crossattn":
+            raise InvalidArgument("train_mode", "'crossattn' (to_q and to_out too) is not offered: those deltas act on "
+                                  "the image features at every step, which the engine cannot apply per request; "
+                                  "use 'crossattn_kv'")
         if self.train_mode not in TRAIN_MODES:
             raise InvalidArgument("train_mode", f"must be one of {list(TRAIN_MODES)}, got {self.train_mode!r}")
         if self.mixed_precision not in MIXED_PRECISIONS:

@@ -30,11 +30,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-class-images", type=int, default=200, help="regularization images to generate (200)")
     p.add_argument("--steps", type=int, help="optimizer steps (default 250 per concept)")
     p.add_argument("--lr", type=float, default=1e-5, help="base learning rate before scaling (1e-5)")
-    p.add_argument("--batch-size", type=int, default=2, help="target images per step and process (2)")
+    p.add_argument("--effective-batch-size", type=int, default=4,
+                   help="target images per optimizer step over every process, plus as many class images (4, the "
+                   "paper's 4 + 4)")
+    p.add_argument("--batch-size", type=int, help="target images per process and micro-batch (default: up to 2, "
+                   "with gradient accumulation up to --effective-batch-size)")
     p.add_argument("--resolution", type=int, help="training resolution in pixels, a multiple of 64 (default: the "
                    "base's own size, e.g. 512 for SD 1.x, 768 for SD 2.x)")
     p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
-    p.add_argument("--train-mode", choices=("crossattn_kv", "crossattn"), default="crossattn_kv")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--no-prior-preservation", action="store_true", help="train without regularization images")
@@ -88,12 +91,13 @@ def _concepts(args: argparse.Namespace) -> list[dict]:
 def _spec(args: argparse.Namespace):
     from trainer.spec import JobSpec
 
-    hp = {"learning_rate": args.lr, "train_batch_size": args.batch_size,
-          "mixed_precision": args.mixed_precision, "train_mode": args.train_mode, "seed": args.seed,
+    hp = {"learning_rate": args.lr, "effective_batch_size": args.effective_batch_size,
+          "mixed_precision": args.mixed_precision, "seed": args.seed,
           "gradient_checkpointing": args.gradient_checkpointing, "augment": not args.no_augment,
           "with_prior_preservation": not args.no_prior_preservation, "class_image_steps": args.class_image_steps,
           "checkpointing_steps": args.checkpointing_steps}
-    for key, value in (("max_train_steps", args.steps), ("resolution", args.resolution)):
+    for key, value in (("max_train_steps", args.steps), ("resolution", args.resolution),
+                       ("train_batch_size", args.batch_size)):
         if value is not None:  # unset: the spec's default (steps per concept; the base's own size)
             hp[key] = value
     work_dir = args.work_dir or tempfile.mkdtemp(prefix="customdiff-train-")

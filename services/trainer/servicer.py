@@ -25,7 +25,7 @@ from services.trainer.images import check_image_header, check_image_size
 from services.trainer.jobs import KIND, ImageBlob, TrainingJobs, TrainingRequest
 from services.trainer.uploads import ImageUploads
 
-TRAIN_MODES = {pb.TRAIN_MODE_CROSSATTN_KV: "crossattn_kv", pb.TRAIN_MODE_CROSSATTN: "crossattn"}
+TRAIN_MODES = {pb.TRAIN_MODE_CROSSATTN_KV: "crossattn_kv"}
 PRECISIONS = {pb.MIXED_PRECISION_NO: "no", pb.MIXED_PRECISION_FP16: "fp16", pb.MIXED_PRECISION_BF16: "bf16"}
 MAX_CONCEPTS = 8
 MAX_NODES = 64
@@ -181,8 +181,8 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
             if not math.isfinite(getattr(h, key)):
                 raise InvalidArgument(f"hyperparameters.{key}", f"must be a finite number, got {getattr(h, key)}")
         out = {}
-        for key in ("max_train_steps", "learning_rate", "train_batch_size", "gradient_accumulation_steps",
-                    "resolution", "seed", "checkpointing_steps"):
+        for key in ("max_train_steps", "learning_rate", "effective_batch_size", "train_batch_size",
+                    "gradient_accumulation_steps", "resolution", "seed", "checkpointing_steps"):
             if getattr(h, key):
                 out[key] = getattr(h, key)
         if h.prior_loss_weight < 0:
@@ -191,7 +191,8 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
             out["prior_loss_weight"] = h.prior_loss_weight
         if h.train_mode:
             if h.train_mode not in TRAIN_MODES:
-                raise InvalidArgument("hyperparameters.train_mode", f"unknown train mode {h.train_mode}")
+                raise InvalidArgument("hyperparameters.train_mode", f"unknown train mode {h.train_mode}; the one "
+                                      "served is TRAIN_MODE_CROSSATTN_KV (docs/job-spec.md)")
             out["train_mode"] = TRAIN_MODES[h.train_mode]
         if h.mixed_precision:
             if h.mixed_precision not in PRECISIONS:
