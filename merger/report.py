@@ -17,7 +17,8 @@ class LayerReport:
         naive_residual: the residual of naive averaging, ``W = W0 + mean_i delta_i``.
         naive_drift: the drift of naive averaging.
         rank: compression, the kept rank.
-        relative_error: compression, ``||delta - up @ down||_F / ||delta||_F`` with the stored factors.
+        relative_error: compression, ``||delta - up @ down||_F / ||delta||_F`` with the stored factors;
+            feature-weighted, ``||(delta - up @ down) X^T||_F / ||delta X^T||_F`` on the features X.
     """
 
     layer: str

@@ -22,14 +22,14 @@ from concepts.artifact import (
 from concepts.base import BaseModel, kv_layers
 from concepts.errors import BaseMismatch, InvalidArgument
 from concepts.store import ArtifactStore
-from merger.compress import check_target, compress_delta_svd, compress_deltas
+from merger.compress import FeatureMetric, check_target, compress_delta_svd, compress_deltas
 from merger.features import concept_features, default_captions, regularization_features
 from merger.merge import DEFAULT_RIDGE, merge_closed_form, regularization_gram
 from merger.report import CompressReport, MergeReport
 
-# R of recent (base, captions): encoding 1000+ captions with SD's text encoder takes seconds on a CPU,
-# and a service merges on one base with the shipped captions again and again.
-_GRAM_CACHE: dict[tuple[str, str, str, str], torch.Tensor] = {}
+# (R, its row count) of recent (base, captions): encoding 1000+ captions with SD's text encoder takes
+# seconds on a CPU, and a service merges on one base with the shipped captions again and again.
+_GRAM_CACHE: dict[tuple[str, str, str, str], tuple[torch.Tensor, int]] = {}
 _GRAM_CACHE_SIZE = 4
 _GRAM_LOCK = threading.Lock()
 
@@ -69,9 +69,7 @@ def merge_concepts(base: BaseModel, concepts: list[Concept], captions: list[str]
         raise InvalidArgument("ridge", f"must be >= 0, got {ridge!r}")
     if context_captions < 0:
         raise InvalidArgument("context_captions", f"must be >= 0, got {context_captions}")
-    captions = default_captions() if captions is None else [c.strip() for c in captions if c.strip()]
-    if not captions:
-        raise InvalidArgument("regularization_captions", "needs at least one non-empty caption")
+    captions = _captions(captions)
     _check_bases(base, concepts)
     layers = kv_layers(base.unet)
     _check_concepts(base, concepts, layers)
@@ -79,7 +77,7 @@ def merge_concepts(base: BaseModel, concepts: list[Concept], captions: list[str]
     renamed, renames = rename_clashing_tokens(concepts, set(base.tokenizer.get_vocab()))
     targets = concept_features(base.tokenizer, base.text_encoder, renamed, captions, context_captions,
                                base.tokenizer_2, base.text_encoder_2)
-    reg_gram = _regularization_gram(base, captions)
+    reg_gram, _ = _regularization_gram(base, captions)
     # 3. The closed-form solve on every layer any concept touches.
     names = sorted(set().union(*(c.deltas for c in concepts)))
     merged, reports, summary = merge_closed_form(
@@ -107,20 +105,54 @@ def merge_concepts(base: BaseModel, concepts: list[Concept], captions: list[str]
     return result, MergeReport(layers=tuple(reports), summary=summary, renamed_tokens=tuple(renames))
 
 
-def _regularization_gram(base: BaseModel, captions: list[str]) -> torch.Tensor:
-    """R = C_reg^T C_reg of `captions` on `base`, [hidden, hidden] float64, from the cache when there."""
+def _captions(captions: list[str] | None) -> list[str]:
+    """The regularization captions: the shipped set for None, else the non-empty ones, stripped."""
+    captions = default_captions() if captions is None else [c.strip() for c in captions if c.strip()]
+    if not captions:
+        raise InvalidArgument("regularization_captions", "needs at least one non-empty caption")
+    return captions
+
+
+def _regularization_gram(base: BaseModel, captions: list[str]) -> tuple[torch.Tensor, int]:
+    """R = C_reg^T C_reg of `captions` on `base`, [hidden, hidden] float64, and the rows of C_reg, from
+    the cache when there."""
     digest = hashlib.sha256("\n".join(captions).encode()).hexdigest()
     key = (str(base.path), base.fingerprint, str(base.text_encoder.dtype), digest)
     with _GRAM_LOCK:
         if key in _GRAM_CACHE:
             return _GRAM_CACHE[key]
-    gram = regularization_gram(regularization_features(base.tokenizer, base.text_encoder, captions,
-                                                       base.tokenizer_2, base.text_encoder_2))
+    features = regularization_features(base.tokenizer, base.text_encoder, captions, base.tokenizer_2,
+                                       base.text_encoder_2)
+    entry = regularization_gram(features), int(features.shape[0])
     with _GRAM_LOCK:
         if len(_GRAM_CACHE) >= _GRAM_CACHE_SIZE:
             _GRAM_CACHE.pop(next(iter(_GRAM_CACHE)))
-        _GRAM_CACHE[key] = gram
-    return gram
+        _GRAM_CACHE[key] = entry
+    return entry
+
+
+def concept_metric(base: BaseModel, concept: Concept, captions: list[str] | None = None) -> FeatureMetric:
+    """The features `concept`'s K/V layers see, as `merge_concepts` takes them: its constraint rows C
+    (its tokens' target captions, plus its provenance's ``context_captions`` per token) and the
+    regularization rows C_reg of `captions` (None: the shipped set).
+
+    The two blocks weigh the same in total, G = C^T C / rows(C) + C_reg^T C_reg / rows(C_reg):
+    counted row by row, a few dozen constraint rows would vanish next to ~10^4 caption rows, and
+    they are where the concept's outputs are (docs/merge.md, compression).
+
+    Raises:
+        InvalidArgument: an empty caption set, deltas on layers that are not the base's cross-attention
+            K/V, or token rows for another number of text encoders than the base has.
+        BaseMismatch: `concept` was made for another base.
+    """
+    captions = _captions(captions)
+    check_base(concept, base.fingerprint, what="concept")
+    _check_concepts(base, [concept], kv_layers(base.unet))
+    reg_gram, reg_rows = _regularization_gram(base, captions)
+    (rows,) = concept_features(base.tokenizer, base.text_encoder, [concept], captions,
+                               int(concept.provenance.get("context_captions", 0)), base.tokenizer_2,
+                               base.text_encoder_2)
+    return FeatureMetric.from_gram(rows.T @ rows / rows.shape[0] + reg_gram / reg_rows)
 
 
 def _check_bases(base: BaseModel, concepts: list[Concept]) -> None:
@@ -190,30 +222,54 @@ def _exact_deltas(merged: dict[str, torch.Tensor], rank: int) -> dict[str, Linea
     return deltas
 
 
+def compresses_by_features(concept: Concept) -> bool:
+    """Whether callers with the base compress `concept` in the metric of its features: a merge, or a
+    feature-weighted compression of one (docs/merge.md, compression)."""
+    return concept.provenance.get("kind") == "merge" or concept.provenance.get("metric") == "features"
+
+
 def compress_concept(concept: Concept, rank: int | None = None, fraction: float | None = None,
-                     energy: float | None = None,
-                     dtype: torch.dtype = torch.float16) -> tuple[Concept, CompressReport]:
-    """Replace every delta of `concept` by truncated-SVD factors; see `merger.compress`.
+                     energy: float | None = None, dtype: torch.dtype = torch.float16,
+                     base: BaseModel | None = None,
+                     captions: list[str] | None = None) -> tuple[Concept, CompressReport]:
+    """Replace every delta of `concept` by low-rank factors; see `merger.compress`.
+
+    Args:
+        rank, fraction, energy: exactly one target.
+        dtype: of the factors.
+        base: the concept's base; given, each layer keeps the rank-k delta closest in its outputs on
+            the features it sees (`concept_metric`, `merger.compress.compress_delta_weighted`) and the
+            target applies to that feature-weighted spectrum. None: plain truncated SVD.
+        captions: with `base`, the regularization captions (None: the shipped set).
 
     Returns:
-        The low-rank concept (provenance kind "compress") and its report; the summary adds
-        ``bytes_before``/``bytes_after`` (tensor bytes, embeddings included) and ``compression_ratio``.
+        The low-rank concept (provenance kind "compress"; with `base` also ``"metric": "features"``,
+        ``captions`` and ``context_captions``) and its report; the summary adds ``bytes_before``/
+        ``bytes_after`` (tensor bytes, embeddings included) and ``compression_ratio``. With `base` the
+        errors are relative output errors on those features.
 
     Raises:
         InvalidArgument: not exactly one of rank/fraction/energy, a value out of range, or a dtype
-            other than float16/float32 (the field is named).
+            other than float16/float32 (the field is named); with `base`, as `concept_metric`.
+        BaseMismatch: with `base`, the concept was made for another base.
     """
     check_target(rank, fraction, energy, dtype)
+    metric, facts = None, {}
+    if base is not None:
+        captions = _captions(captions)
+        metric = concept_metric(base, concept, captions)
+        facts = {"metric": "features", "captions": len(captions),
+                 "context_captions": int(concept.provenance.get("context_captions", 0))}
     # Dense deltas as they are (the SVD upcasts one layer at a time); factors expanded exactly.
     dense = {name: delta.dense if delta.dense is not None else delta.to_dense(torch.float64)
              for name, delta in concept.deltas.items()}
-    factors, reports, summary = compress_deltas(dense, rank, fraction, energy, dtype)
+    factors, reports, summary = compress_deltas(dense, rank, fraction, energy, dtype, metric)
     target = {k: v for k, v in (("rank", rank), ("fraction", fraction), ("energy", energy)) if v is not None}
     result = dataclasses.replace(
         concept,
         deltas={name: LinearDelta(up=up, down=down) for name, (up, down) in factors.items()},
         provenance={"kind": "compress", "parent": digest_of(concept_to_bytes(concept)), **target,
-                    "dtype": str(dtype).removeprefix("torch.")},
+                    "dtype": str(dtype).removeprefix("torch."), **facts},
     )
     summary.update(bytes_before=float(concept.nbytes), bytes_after=float(result.nbytes),
                    compression_ratio=concept.nbytes / result.nbytes)

@@ -57,6 +57,27 @@ def test_compress_json_from_a_file_and_table_output(store_with_two, tmp_path, ca
     assert "relative_error" in text and "mid_block.attentions.0.transformer_blocks.0.attn2.to_k" in text
 
 
+def test_compress_weighs_a_merge_by_its_features_when_given_the_base(tiny_base_dir, store_with_two, tmp_path,
+                                                                     capsys):
+    store, (a, b) = store_with_two
+    assert main(["merge", a, b, "--base", str(tiny_base_dir), "--store", store.url, "--out", str(tmp_path),
+                 "--json"]) == 0
+    merged = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["digest"]
+    assert main(["compress", merged, "--base", str(tiny_base_dir), "--store", str(tmp_path),
+                 "--fraction", "0.6", "--json"]) == 0
+    digest = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["digest"]
+    assert ArtifactStore(str(tmp_path)).get_concept(digest).provenance["metric"] == "features"
+    assert main(["compress", merged, "--store", str(tmp_path), "--fraction", "0.6", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert "without --base" in err
+    digest = json.loads(out.strip().splitlines()[-1])["digest"]
+    assert "metric" not in ArtifactStore(str(tmp_path)).get_concept(digest).provenance
+    assert main(["compress", a, "--base", str(tiny_base_dir), "--store", store.url, "--out", str(tmp_path),
+                 "--rank", "2", "--json"]) == 0  # a single: plain SVD, as before
+    digest = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["digest"]
+    assert "metric" not in ArtifactStore(str(tmp_path)).get_concept(digest).provenance
+
+
 def test_compress_rejects_a_concept_of_another_base(other_base_dir, store_with_two, capsys):
     store, (a, _) = store_with_two
     assert main(["compress", a, "--base", str(other_base_dir), "--store", store.url, "--rank", "2"]) == 2

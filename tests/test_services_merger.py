@@ -52,6 +52,7 @@ def test_merge_then_compress_register_new_concepts_with_reports(env):
     assert compressed.report.summary["bytes_after"] < compressed.report.summary["bytes_before"]
     stored = ArtifactStore(settings.store_url).get_concept(compressed.concept.digest)
     assert {d.rank for d in stored.deltas.values()} == {2}
+    assert stored.provenance["metric"] == "features"  # a merge of the service's base: feature-weighted
 
 
 def test_same_request_id_gives_one_job_and_list_shows_it(env):

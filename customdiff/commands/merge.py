@@ -2,7 +2,8 @@
 
 A, B, ... are artifact digests in ``--store`` or paths of ``.safetensors`` artifact files. Both commands
 write the result into ``--out`` (default: ``--store``) and print the report as a table, or as one JSON
-line with ``--json``.
+line with ``--json``. A merged concept compresses in the metric of its features when ``--base`` is
+given (docs/merge.md, compression).
 """
 
 from __future__ import annotations
@@ -27,7 +28,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     compress = sub.add_parser("compress", help="compress a concept's deltas by truncated SVD")
     compress.add_argument("concept", metavar="CONCEPT", help="artifact digest or .safetensors path")
-    compress.add_argument("--base", default=None, help="base directory; when given, the concept must match it")
+    compress.add_argument("--base", default=None, help="base directory; when given, the concept must match "
+                          "it, and a merged concept is compressed in the metric of its features "
+                          "(docs/merge.md)")
+    compress.add_argument("--captions", default=None, help="with --base, for a merged concept: "
+                          "regularization captions file, one per line (default: the shipped set)")
     _store_arguments(compress)
     target = compress.add_mutually_exclusive_group(required=True)
     target.add_argument("--fraction", type=float, help="keep components until their singular values sum "
@@ -67,22 +72,33 @@ def _merge(args: argparse.Namespace) -> int:
 
 
 def _compress(args: argparse.Namespace) -> int:
+    import sys
+    from pathlib import Path
+
     from concepts.apply import check_base
     from concepts.base import load_base
     from concepts.store import ArtifactStore
     from concepts.progress import StageBar
     from merger.compress import FACTOR_DTYPES
-    from merger.run import compress_concept, load_concept
+    from merger.run import compress_concept, compresses_by_features, load_concept
 
+    captions = Path(args.captions).read_text(encoding="utf-8").splitlines() if args.captions else None
     names = ("loading concept",) + (("checking base",) if args.base is not None else ()) + ("compressing",)
     with StageBar("compress", names) as stages:
         concept = load_concept(args.concept, ArtifactStore(args.store))
         stages.next()
+        base = None
         if args.base is not None:
-            check_base(concept, load_base(args.base).fingerprint, what=f"concept {args.concept}")
+            base = load_base(args.base)
+            check_base(concept, base.fingerprint, what=f"concept {args.concept}")
             stages.next()
+        merged = compresses_by_features(concept)
+        if merged and base is None:
+            print("note: compressing a merged concept without --base: plain SVD, which can keep only a "
+                  "direction no prompt uses and lose its concepts (docs/merge.md)", file=sys.stderr)
         concept, report = compress_concept(concept, rank=args.rank, fraction=args.fraction, energy=args.energy,
-                                           dtype=FACTOR_DTYPES[args.dtype])
+                                           dtype=FACTOR_DTYPES[args.dtype], captions=captions,
+                                           base=base if merged else None)
         stages.next()
     _print_result(args, concept, report, columns=("rank", "relative_error"))
     return 0

@@ -18,6 +18,7 @@ from typing import Any
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
+from concepts.artifact import Concept
 from concepts.base import BaseModel, load_base
 from concepts.store import ArtifactStore
 from concepts.tracing import attached
@@ -90,6 +91,16 @@ class MergerJobs:
                 self._base = load_base(self.base_model)
             return self._base
 
+    def _metric_base(self, concept: Concept) -> BaseModel | None:
+        """The base to compress `concept` in the metric of its features: this service's base for a merge
+        of it (docs/merge.md, compression), else None (plain SVD; another base's features are not here)."""
+        from merger.run import compresses_by_features
+
+        if not compresses_by_features(concept):
+            return None
+        base = self.base()
+        return base if concept.base_fingerprint == base.fingerprint else None
+
     def _run(self, job_id: str, context: otel_context.Context | None = None) -> None:
         with job_context(job_id), attached(context), tracer.start_as_current_span("merger.job") as span:
             span.set_attribute("customdiff.job_id", job_id)
@@ -116,7 +127,8 @@ class MergerJobs:
                 MERGE_DRIFT.set(report.summary.get("drift", 0.0))
             else:
                 dtype = {"fp16": torch.float16, "fp32": torch.float32}[domain["dtype"]]
-                result, report = compress_concept(concepts[0], dtype=dtype, **domain["target"])
+                result, report = compress_concept(concepts[0], dtype=dtype, **domain["target"],
+                                                  base=self._metric_base(concepts[0]))
                 COMPRESS_SECONDS.observe(time.perf_counter() - started)
             digest = self.store.put_concept(result)
             provenance = dict(result.provenance, job=f"mergerJobs/{job_id}", parents=[r.digest for r in inputs])
