@@ -37,7 +37,7 @@ def add_tokens(tokenizer, text_encoder: nn.Module, tokens: tuple[str, ...], embe
     text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     weight = text_encoder.get_input_embeddings().weight
     with torch.no_grad():
-        weight[ids] = embeddings.to(weight.dtype)
+        weight[ids] = embeddings.to(weight.device, weight.dtype)  # rows may come from the CPU (the store's)
     return ids
 
 

@@ -30,6 +30,7 @@ from concepts.errors import CorruptArtifact, CustomDiffError, InvalidArgument
 from concepts.store import ArtifactStore
 from concepts.tracing import attached
 from engine.cache import ConceptCache
+from engine.compose import COMPOSE, MergedConcepts, read_captions
 from engine.kv import compute_kv, expand_kv, install_kv_processors, precomputed_kv
 from engine.loop import StepLoop
 from engine.onnx_unet import KVUNet, onnx_unet
@@ -45,11 +46,13 @@ BATCHING = ("request", "step")
 
 @dataclass(frozen=True)
 class _Prepared:
-    """A request resolved against the cache and tokenized; `uncond` only with guidance; `context` is the
+    """A request resolved against the cache and tokenized: `concepts` and their `weights` are what its K/V
+    rows get (its concepts, or their merge at weight 1); `uncond` only with guidance; `context` is the
     trace its spans hang under."""
 
     request: GenerationRequest
     concepts: tuple[Concept, ...]
+    weights: tuple[float, ...]
     cond: TokenizedPrompt
     uncond: TokenizedPrompt | None
     height: int
@@ -84,12 +87,25 @@ class Engine:
             (size, steps, scheduler); "step" hands them to the step-level loop (`loop.py`), which
             admits and retires requests at every step boundary, whatever their steps or scheduler.
         observer: receives the cache's, the batches' and the requests' metric events (`telemetry.py`).
+        compose: how a request's two or more concepts act: "sum" adds each one's (weighted) deltas;
+            "merge" serves them, when every weight is 1, as their closed-form merge, made on the set's
+            first request and kept (`compose.py`); with any other weight they are summed as with "sum"
+            (a merge has no per-concept weight to scale). One concept is served alike by both.
+        compose_captions: with "merge", the merges' regularization captions; None: the merger's shipped set.
+        compose_context_captions: with "merge", per token, the regularization captions naming its class
+            word that also constrain it (`merger.run.merge_concepts`' `context_captions`).
+        compose_cache_bytes: with "merge", budget of the kept merges on `base`'s device.
+
+    Raises:
+        InvalidArgument: `batching` or `compose` is not a choice, or a compose option is out of range.
     """
 
     def __init__(self, base: BaseModel, store: ArtifactStore, cache_bytes: int = 1 << 30,
                  host_cache_bytes: int = 0, max_batch_images: int = 16,
                  unet_runner: KVUNet | None = None, batching: str = "request",
-                 observer: EngineObserver | None = None) -> None:
+                 observer: EngineObserver | None = None, compose: str = "sum",
+                 compose_captions: Sequence[str] | None = None, compose_context_captions: int = 0,
+                 compose_cache_bytes: int = 256 << 20) -> None:
         from diffusers.image_processor import VaeImageProcessor
 
         self.base = base
@@ -100,6 +116,10 @@ class Engine:
                                   observer=self.observer)
         if batching not in BATCHING:
             raise InvalidArgument("batching", f"must be one of {list(BATCHING)}, got {batching!r}")
+        if compose not in COMPOSE:
+            raise InvalidArgument("compose", f"must be one of {list(COMPOSE)}, got {compose!r}")
+        self.merged = MergedConcepts(base, compose_captions, compose_context_captions, compose_cache_bytes,
+                                     self.observer) if compose == "merge" else None
         self.max_batch_images = max_batch_images
         self.unet_runner = unet_runner
         self.batching = batching
@@ -120,14 +140,20 @@ class Engine:
     def from_paths(cls, base_dir: str | Path, store_url: str, device: str = "cpu",
                    dtype: torch.dtype = torch.float32, cache_bytes: int = 1 << 30, host_cache_bytes: int = 0,
                    max_batch_images: int = 16, unet_backend: str = "torch", unet_onnx: str = "",
-                   batching: str = "request", observer: EngineObserver | None = None) -> Engine:
+                   batching: str = "request", observer: EngineObserver | None = None, compose: str = "sum",
+                   compose_captions_file: str = "", compose_context_captions: int = 0,
+                   compose_cache_bytes: int = 256 << 20) -> Engine:
         """Load the base from a diffusers directory and serve concepts from the store at `store_url`.
 
-        `unet_backend` "onnxruntime" runs the UNet exported to `unet_onnx` by `customdiff export-onnx`.
+        `unet_backend` "onnxruntime" runs the UNet exported to `unet_onnx` by `customdiff export-onnx`;
+        `compose_captions_file` holds the merges' regularization captions, one per line ("": the shipped set).
         """
+        captions = read_captions(compose_captions_file)
         base = load_base(base_dir, dtype=dtype, device=device)
         return cls(base, ArtifactStore(store_url), cache_bytes, host_cache_bytes, max_batch_images,
-                   unet_runner=onnx_unet(unet_backend, unet_onnx, base), batching=batching, observer=observer)
+                   unet_runner=onnx_unet(unet_backend, unet_onnx, base), batching=batching, observer=observer,
+                   compose=compose, compose_captions=captions, compose_context_captions=compose_context_captions,
+                   compose_cache_bytes=compose_cache_bytes)
 
     def validate_concept(self, digest: str, concept: Concept) -> None:
         """Refuse a concept this base cannot serve (the cache calls this once per load).
@@ -246,13 +272,22 @@ class Engine:
                                                              f"both define modifier token {token!r}")
                 owner[token.lower()] = digest
                 embeddings[token] = tuple(rows[i] for rows in concept.token_rows)
+        concepts, weights = self._composed(request, concepts)  # after the token check: a merge never renames
         with tracer.start_as_current_span("engine.tokenize"):
             cond = self.prompts.tokenize(request.prompt, embeddings, "prompt")
             uncond = self.prompts.tokenize(request.negative_prompt, embeddings, "negative_prompt") \
                 if request.do_guidance else None
         default = self.base.unet.config.sample_size * self.vae_scale_factor
-        return _Prepared(request, concepts, cond, uncond, request.height or default, request.width or default,
-                         context or otel_context.get_current())
+        return _Prepared(request, concepts, weights, cond, uncond, request.height or default,
+                         request.width or default, context or otel_context.get_current())
+
+    def _composed(self, request: GenerationRequest, concepts: tuple[Concept, ...],
+                  ) -> tuple[tuple[Concept, ...], tuple[float, ...]]:
+        """The concepts and weights a request's K/V rows get: with compose "merge", two or more concepts all
+        at weight 1 (`concept_weights` empty) become their merge; otherwise the request's own."""
+        if self.merged is None or len(concepts) < 2 or request.concept_weights:
+            return concepts, request.weights
+        return (self.merged.get(request.concept_digests, concepts),), (1.0,)
 
     def encode(self, batch: list[_Prepared]) -> tuple[TextConditioning, dict[str, tuple[torch.Tensor, torch.Tensor]],
                                                      list[int], list[int | None]]:
@@ -273,7 +308,7 @@ class Engine:
                 row_concepts.append(p.concepts)
         text = self.prompts.encode(texts)
         kv = compute_kv(self.layers, text.states, row_concepts,  # each row's concept weights, in the row order above
-                        [p.request.weights for p in batch for _ in range(1 if p.uncond is None else 2)])
+                        [p.weights for p in batch for _ in range(1 if p.uncond is None else 2)])
         return text, kv, cond_row, uncond_row
 
     def initial_latents(self, seeds: list[int], height: int, width: int, dtype: torch.dtype) -> torch.Tensor:

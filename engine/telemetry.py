@@ -36,6 +36,9 @@ class EngineObserver:
     def concept_loaded(self, seconds: float) -> None:
         """A concept was read from the store, validated and converted in `seconds`."""
 
+    def concepts_merged(self, seconds: float) -> None:
+        """A request's concepts were merged into one (`compose.py`, on the set's first use) in `seconds`."""
+
     def batch(self, images: int, concepts: int) -> None:
         """One UNet call ran over `images` images of requests using `concepts` distinct concepts."""
 

@@ -359,7 +359,8 @@ DOCUMENTED_METRICS = frozenset({
     # The Triton model: concept cache, batches, queueing, generation.
     "customdiff_concept_cache_hits_total", "customdiff_concept_cache_misses_total",
     "customdiff_concept_cache_evictions_total", "customdiff_concept_cache_bytes",
-    "customdiff_concept_load_seconds", "customdiff_batch_images", "customdiff_batch_concepts",
+    "customdiff_concept_load_seconds", "customdiff_concept_merge_seconds", "customdiff_batch_images",
+    "customdiff_batch_concepts",
     "customdiff_queue_seconds", "customdiff_generation_seconds",
     # Merger and registry.
     "customdiff_merge_seconds", "customdiff_compress_seconds", "customdiff_merge_residual",
@@ -818,6 +819,18 @@ def test_model_repository_onnx_serves_the_exported_repository_on_the_base_model_
             "set it") in output
     assert "triton.onnxRepositoryPath: Does not match pattern" in helm_fails(
         "triton.modelRepository=onnx", "baseModel.existingClaim=sd", "triton.onnxRepositoryPath=/abs", schema=True)
+
+
+def test_triton_compose_reaches_the_model_and_onnx_refuses_merge():
+    def triton_env(*sets: str) -> dict[str, str]:
+        [container] = [c for c in pods(render(None, *sets))["triton"][1]["containers"] if c["name"] == "triton"]
+        return {e["name"]: e.get("value") for e in container["env"]}
+
+    assert "CUSTOMDIFF_COMPOSE" not in triton_env()  # config.pbtxt's compose ("sum")
+    assert triton_env("triton.compose=merge")["CUSTOMDIFF_COMPOSE"] == "merge"
+    assert "- triton.compose: merge runs the torch text encoder" in helm_fails(
+        "triton.modelRepository=onnx", "baseModel.existingClaim=sd", "triton.compose=merge")
+    assert "triton.compose" in helm_fails("triton.compose=average", schema=True)
 
 
 def test_mtls_mounts_the_client_ca_renders_tls_client_ca_file_and_keeps_probes_on_tcp():

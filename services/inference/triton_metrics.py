@@ -28,6 +28,8 @@ class TritonMetrics(EngineObserver):
             ("customdiff_concept_cache_bytes", kinds.GAUGE, "Bytes the cache tier holds, per model instance."),
             ("customdiff_concept_load_seconds", kinds.HISTOGRAM,
              "Reading, validating and converting a concept on a cache miss."),
+            ("customdiff_concept_merge_seconds", kinds.HISTOGRAM,
+             "Merging a request's concepts on the set's first use (compose merge)."),
             ("customdiff_batch_images", kinds.HISTOGRAM, "Images in one UNet call."),
             ("customdiff_batch_concepts", kinds.HISTOGRAM, "Distinct concepts among the requests of one UNet call."),
             ("customdiff_queue_seconds", kinds.HISTOGRAM, "Time a request waited for the step loop to admit it."),
@@ -44,6 +46,7 @@ class TritonMetrics(EngineObserver):
         self._evictions = {t: metric("customdiff_concept_cache_evictions_total", tier=t) for t in TIERS}
         self._bytes = {t: metric("customdiff_concept_cache_bytes", tier=t, model_instance=instance) for t in TIERS}
         self._load = metric("customdiff_concept_load_seconds", SECONDS_BUCKETS)
+        self._merge = metric("customdiff_concept_merge_seconds", SECONDS_BUCKETS)
         self._images = metric("customdiff_batch_images", COUNT_BUCKETS)
         self._concepts = metric("customdiff_batch_concepts", [0.0, *COUNT_BUCKETS])
         self._queue = metric("customdiff_queue_seconds", SECONDS_BUCKETS)
@@ -63,6 +66,9 @@ class TritonMetrics(EngineObserver):
 
     def concept_loaded(self, seconds: float) -> None:
         self._load.observe(seconds)
+
+    def concepts_merged(self, seconds: float) -> None:
+        self._merge.observe(seconds)
 
     def batch(self, images: int, concepts: int) -> None:
         self._images.observe(images)

@@ -19,7 +19,7 @@ DTYPES = ("float32", "float16", "bfloat16")
 # config.pbtxt parameter -> the environment variable that overrides it (the Helm chart sets these).
 ENV_OVERRIDES = {"base_model": "CUSTOMDIFF_BASE_MODEL", "store_url": "CUSTOMDIFF_STORE_URL",
                  "cache_bytes": "CUSTOMDIFF_CACHE_BYTES", "unet_backend": "CUSTOMDIFF_UNET_BACKEND",
-                 "unet_onnx": "CUSTOMDIFF_UNET_ONNX"}
+                 "unet_onnx": "CUSTOMDIFF_UNET_ONNX", "compose": "CUSTOMDIFF_COMPOSE"}
 _ERROR = re.compile(r"\[([A-Z_]+)\] (.*)", re.DOTALL)
 
 
@@ -37,6 +37,13 @@ class ModelSettings:
         unet_backend: "torch", or "onnxruntime" for the UNet `customdiff export-onnx` wrote to `unet_onnx`
             (checked by `engine.onnx_unet.onnx_unet` when the engine is built).
         unet_onnx: that export's directory, or its ``unet/1/model.onnx``.
+        compose: "sum" or "merge": how a request's several concepts act (`engine.engine.Engine`'s
+            `compose`, checked when the engine is built; the ONNX repository serves "sum" only).
+        compose_captions_file: with "merge", the merges' regularization captions, one per line ("": the
+            merger's shipped set).
+        compose_context_captions: with "merge", per token, the regularization captions naming its class
+            word that also constrain it.
+        compose_cache_bytes: with "merge", budget of the kept merges in the instance's device memory.
     """
 
     base_model: str
@@ -47,12 +54,17 @@ class ModelSettings:
     dtype: str = "float32"
     unet_backend: str = "torch"
     unet_onnx: str = ""
+    compose: str = "sum"
+    compose_captions_file: str = ""
+    compose_context_captions: int = 0
+    compose_cache_bytes: int = 256 << 20
 
     def __post_init__(self) -> None:
         for name in ("base_model", "store_url"):
             if not getattr(self, name):
                 raise InvalidArgument(name, f"is empty; set the config.pbtxt parameter or ${ENV_OVERRIDES[name]}")
-        for name in ("cache_bytes", "host_cache_bytes", "max_batch_images"):
+        for name in ("cache_bytes", "host_cache_bytes", "max_batch_images", "compose_context_captions",
+                     "compose_cache_bytes"):
             if getattr(self, name) < (1 if name == "max_batch_images" else 0):
                 raise InvalidArgument(name, f"must be positive, got {getattr(self, name)}")
         if self.dtype not in DTYPES:

@@ -272,6 +272,9 @@ kubernetes:
 {{- if and (eq .Values.triton.modelRepository "onnx") (not .Values.baseModel.existingClaim) }}
 {{- $errors = append $errors "triton.modelRepository: onnx reads the exported repository from baseModel.existingClaim; set it" }}
 {{- end }}
+{{- if and (eq .Values.triton.modelRepository "onnx") (eq .Values.triton.compose "merge") }}
+{{- $errors = append $errors "triton.compose: merge runs the torch text encoder, which the onnx repository replaces; use sum or the torch repository" }}
+{{- end }}
 {{- if and .Values.gatewayApi.enabled (not .Values.gatewayApi.parentRefs) }}
 {{- $errors = append $errors "gatewayApi.enabled: needs gatewayApi.parentRefs, the Gateway the GRPCRoute attaches to" }}
 {{- end }}

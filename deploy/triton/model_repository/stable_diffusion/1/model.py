@@ -51,11 +51,14 @@ class TritonPythonModel:
             settings.base_model, settings.store_url, device=device, dtype=getattr(torch, settings.dtype),
             cache_bytes=settings.cache_bytes, host_cache_bytes=settings.host_cache_bytes,
             max_batch_images=settings.max_batch_images, unet_backend=settings.unet_backend,
-            unet_onnx=settings.unet_onnx, batching=batching, observer=observer,
+            unet_onnx=settings.unet_onnx, batching=batching, observer=observer, compose=settings.compose,
+            compose_captions_file=settings.compose_captions_file,
+            compose_context_captions=settings.compose_context_captions,
+            compose_cache_bytes=settings.compose_cache_bytes,
         )
-        log.info("stable_diffusion instance %s loaded base %s (fingerprint %s) on %s, %s-level batching%s",
-                 args["model_instance_name"], settings.base_model, self.engine.base.fingerprint, device,
-                 batching, ", decoupled" if self.decoupled else "")
+        log.info("stable_diffusion instance %s loaded base %s (fingerprint %s) on %s, %s-level batching%s, "
+                 "compose %s", args["model_instance_name"], settings.base_model, self.engine.base.fingerprint,
+                 device, batching, ", decoupled" if self.decoupled else "", settings.compose)
 
     def execute(self, requests: list) -> list | None:
         """Not decoupled: one response per request, in order. Decoupled: None; the loop answers each."""

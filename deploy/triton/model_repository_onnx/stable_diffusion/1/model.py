@@ -57,6 +57,8 @@ class TritonPythonModel:
             settings = ModelSettings.from_config(config.get("parameters", {}), os.environ)
             if settings.dtype != "float32":
                 raise InvalidArgument("dtype", f"must be float32, the graphs' type, got {settings.dtype!r}")
+            if settings.compose != "sum":  # a merge runs the torch text encoder, which the graphs replace
+                raise InvalidArgument("compose", f"must be sum in the ONNX repository, got {settings.compose!r}")
             gpu = args["model_instance_kind"] == "GPU"
             device = f"cuda:{args['model_instance_device_id']}" if gpu else "cpu"
             repository = Path(args["model_repository"]).parent
