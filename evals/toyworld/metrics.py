@@ -146,6 +146,28 @@ def parse_image(image: np.ndarray) -> Parse:
     return parse_images(image[None])[0]
 
 
+@dataclass(frozen=True)
+class PairParse:
+    """What a 64x128 image shows (world v2): each half parsed as one scene. Recognized when both halves
+    are, on one background."""
+
+    left: Parse
+    right: Parse
+
+    @property
+    def recognized(self) -> bool:
+        return self.left.recognized and self.right.recognized and self.left.scene.background == self.right.scene.background
+
+
+def parse_pair_images(images: np.ndarray) -> list[PairParse]:
+    """Read each uint8 [N, 64, 128, 3] image back into two scenes, one per half (`parse_images` each)."""
+    if images.ndim != 4 or images.shape[1:] != (IMAGE_SIZE, 2 * IMAGE_SIZE, 3):
+        raise ValueError(f"images must be [N, {IMAGE_SIZE}, {2 * IMAGE_SIZE}, 3], got {tuple(images.shape)}")
+    left = parse_images(np.ascontiguousarray(images[:, :, :IMAGE_SIZE]))
+    right = parse_images(np.ascontiguousarray(images[:, :, IMAGE_SIZE:]))
+    return [PairParse(a, b) for a, b in zip(left, right)]
+
+
 def image_outcome(parse: Parse, concept: ToyConcept) -> str:
     """``hit`` (the concept's class and look), ``miss`` (another scene) or ``unrecognized``."""
     if not parse.recognized:

@@ -14,7 +14,7 @@ from concepts.tokenizer_files import write_clip_tokenizer_files
 from evals.toyworld.world import vocabulary
 
 HIDDEN = 64  # text-encoder width == UNet cross_attention_dim
-MAX_TOKENS = 24  # the longest caption, a trainer prefix and a modifier token fit with room to spare
+MAX_TOKENS = 40  # the longest pair caption (26 tokens), a trainer prefix and modifier tokens fit with room to spare
 
 
 def build_tokenizer():

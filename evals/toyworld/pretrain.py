@@ -3,12 +3,15 @@
     python -m evals.toyworld.pretrain --out evals/toyworld/base --seed 0
 
 Stage 1 trains the AutoencoderKL on the rendered pretraining scenes. Stage 2 encodes every pretraining
-scene once and trains the UNet and the CLIP text encoder together on (latent, caption) pairs: epsilon
+scene once and trains the UNet and the CLIP text encoder together on (latent, caption) pairs, half the
+steps on single scenes (8x8 latents) and half on pairs of scenes side by side (8x16 latents, the two
+scenes' latents concatenated, captioned "... left of ..."; world v2): epsilon
 prediction on Stable Diffusion's noise schedule, 10% empty captions for classifier-free guidance,
 min-SNR loss weighting, AdamW with warmup and cosine decay, and an EMA of the weights, which is what
 gets saved. Both stages checkpoint to the work directory every `checkpoint_every` steps (with every
 random-number state), and a restarted run resumes from there and ends with the same weights.
-Held-out scenes (the concepts' class and look, `world.is_held_out`) appear in neither stage.
+Held-out scenes (the concepts' class and look, `world.is_held_out`) appear in neither stage, alone
+or in a pair.
 """
 
 from __future__ import annotations
@@ -28,8 +31,8 @@ import numpy as np
 import torch
 
 from evals.toyworld import models
-from evals.toyworld.render import render_batch
-from evals.toyworld.world import pretraining_scenes, sample_caption
+from evals.toyworld.render import render_batch, render_pairs
+from evals.toyworld.world import Pair, pretraining_scenes, sample_caption, sample_pair, sample_pair_caption
 
 
 LOGVAR_INIT = -10.0
@@ -40,12 +43,14 @@ class PretrainConfig:
     """Hyperparameters of both stages (the defaults built the committed base)."""
 
     seed: int = 0
-    vae_steps: int = 2500
+    vae_steps: int = 3000
     vae_batch: int = 32
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
-    steps: int = 4500
-    batch: int = 64
+    steps: int = 6000
+    batch: int = 64  # single scenes per step; a step on pairs takes batch / 2 pairs (the same latent cells)
+    pairs: float = 0.5  # fraction of steps (in both stages) on pairs
+    pair_pool: int = 24000  # pairs drawn once (seeded); each step's pairs come from these
     lr: float = 1e-3
     lr_end: float = 1e-4
     warmup: int = 100
@@ -102,13 +107,25 @@ def _images(scenes) -> torch.Tensor:
     return torch.from_numpy(render_batch(scenes)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
+def _pair_images(pairs: list[Pair]) -> torch.Tensor:
+    """Rendered pairs as [N, 3, 64, 128] floats in [-1, 1]."""
+    return torch.from_numpy(render_pairs(pairs)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def pair_pool(cfg: PretrainConfig) -> list[Pair]:
+    """The pretraining pairs: `cfg.pair_pool` random pairs of pretraining scenes on a shared background."""
+    rng, scenes = random.Random(cfg.seed + 2), pretraining_scenes()
+    return [sample_pair(scenes, rng) for _ in range(cfg.pair_pool)]
+
+
 def train_vae(cfg: PretrainConfig, vae, work: Path) -> None:
-    """Stage 1: L1 + L2 reconstruction with a small KL term, on uniformly drawn pretraining scenes.
+    """Stage 1: L1 + L2 reconstruction with a small KL term, on uniformly drawn pretraining scenes (a
+    `cfg.pairs` share of the steps on half as many pairs: the norms and the attention see both shapes).
 
     The posterior's log-variance starts at -10: from its default of 0, unit-variance noise on every
     latent drowns the signal and reconstruction only starts once the encoder has learned to shrink it.
     """
-    scenes = pretraining_scenes()
+    scenes, pairs = pretraining_scenes(), pair_pool(cfg)
     with torch.no_grad():
         vae.quant_conv.bias[vae.config.latent_channels :] = LOGVAR_INIT
     images = _images(scenes)
@@ -126,7 +143,10 @@ def train_vae(cfg: PretrainConfig, vae, work: Path) -> None:
     while step < cfg.vae_steps:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg.vae_steps, cfg.vae_lr, cfg.vae_lr / 100, cfg.warmup)
-        x = images[torch.from_numpy(rng.integers(len(scenes), size=cfg.vae_batch))]
+        if rng.random() < cfg.pairs:
+            x = _pair_images([pairs[i] for i in rng.integers(len(pairs), size=cfg.vae_batch // 2)])
+        else:
+            x = images[torch.from_numpy(rng.integers(len(scenes), size=cfg.vae_batch))]
         posterior = vae.encode(x).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
         recon = vae.decode(z).sample
@@ -150,6 +170,13 @@ def encode_scenes(vae, scenes, batch: int = 256) -> torch.Tensor:
     return torch.cat([vae.encode(images[i : i + batch]).latent_dist.mean for i in range(0, len(images), batch)])
 
 
+@torch.no_grad()
+def encode_pairs(vae, pairs: list[Pair], batch: int = 256) -> torch.Tensor:
+    """Posterior means of the pairs' images, [N, 4, 8, 16], unscaled."""
+    return torch.cat([vae.encode(_pair_images(pairs[i : i + batch])).latent_dist.mean
+                      for i in range(0, len(pairs), batch)])
+
+
 class Captions:
     """Token ids of captions, cached: the world has few distinct captions."""
 
@@ -171,7 +198,7 @@ def _ema_update(ema: list[torch.Tensor], params: list[torch.Tensor], decay: floa
 
 
 def denoise_loss(cfg, unet, text_encoder, latents, ids, gen, alphas_cumprod) -> torch.Tensor:
-    """Min-SNR-weighted epsilon-prediction loss of one batch: latents [B, 4, 8, 8], ids [B, T]."""
+    """Min-SNR-weighted epsilon-prediction loss of one batch: latents [B, 4, 8, 8 or 16], ids [B, T]."""
     noise = torch.randn(latents.shape, generator=gen)
     t = torch.randint(0, len(alphas_cumprod), (len(latents),), generator=gen)
     a = alphas_cumprod[t].view(-1, 1, 1, 1)
@@ -182,8 +209,10 @@ def denoise_loss(cfg, unet, text_encoder, latents, ids, gen, alphas_cumprod) -> 
     return (weight * (pred - noise).square().mean(dim=(1, 2, 3))).mean()
 
 
-def train_denoiser(cfg: PretrainConfig, unet, text_encoder, tokenizer, latents: torch.Tensor, work: Path):
-    """Stage 2: the UNet and the text encoder together; returns their EMA copies."""
+def train_denoiser(cfg: PretrainConfig, unet, text_encoder, tokenizer, latents: torch.Tensor,
+                   pairs: list[Pair], pair_latents: torch.Tensor, work: Path):
+    """Stage 2: the UNet and the text encoder together, on scenes (`latents`) and pairs (`pair_latents`);
+    returns their EMA copies."""
     scenes = pretraining_scenes()
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -205,9 +234,15 @@ def train_denoiser(cfg: PretrainConfig, unet, text_encoder, tokenizer, latents: 
     while step < cfg.steps:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.lr_end, cfg.warmup)
-        idx = rng.integers(len(scenes), size=cfg.batch)
-        texts = ["" if pyrng.random() < cfg.uncond else sample_caption(scenes[i], pyrng) for i in idx]
-        loss = denoise_loss(cfg, unet, text_encoder, latents[torch.from_numpy(idx)], captions(texts), gen, alphas_cumprod)
+        if rng.random() < cfg.pairs:
+            idx = rng.integers(len(pairs), size=cfg.batch // 2)
+            texts = ["" if pyrng.random() < cfg.uncond else sample_pair_caption(pairs[i], pyrng) for i in idx]
+            x = pair_latents[torch.from_numpy(idx)]
+        else:
+            idx = rng.integers(len(scenes), size=cfg.batch)
+            texts = ["" if pyrng.random() < cfg.uncond else sample_caption(scenes[i], pyrng) for i in idx]
+            x = latents[torch.from_numpy(idx)]
+        loss = denoise_loss(cfg, unet, text_encoder, x, captions(texts), gen, alphas_cumprod)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -232,10 +267,12 @@ def pretrain(cfg: PretrainConfig, out: str | Path, work: str | Path) -> Path:
     tokenizer = models.build_tokenizer()
     vae, unet, text_encoder = models.build_vae(), models.build_unet(), models.build_text_encoder(tokenizer)
     train_vae(cfg, vae, work)
-    latents = encode_scenes(vae, pretraining_scenes())
+    latents, pairs = encode_scenes(vae, pretraining_scenes()), pair_pool(cfg)
+    pair_latents = encode_pairs(vae, pairs)
     scaling = 1.0 / latents.std().item()  # as SD's 0.18215: unit-variance latents for the UNet
     vae.register_to_config(scaling_factor=scaling)
-    unet, text_encoder = train_denoiser(cfg, unet, text_encoder, tokenizer, latents * scaling, work)
+    unet, text_encoder = train_denoiser(cfg, unet, text_encoder, tokenizer, latents * scaling, pairs,
+                                        pair_latents * scaling, work)
     return models.save_base(out, vae, unet, text_encoder, tokenizer)
 
 
@@ -245,9 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="base directory to write (diffusers format)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", default=None, help="checkpoints and log.jsonl (default /tmp/toyworld-pretrain-<seed>)")
-    # The weights are bit-identical only for the same thread count; 1 built the committed base. On an
-    # idle 2-core machine --threads 2 is faster (docs/toyworld.md); on a busy one OpenMP's spinning undoes that.
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    # The weights are bit-identical only for the same thread count; 2 built the committed base (world v2).
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--steps", type=int, default=PretrainConfig.steps, help="denoiser steps")
     parser.add_argument("--vae-steps", type=int, default=PretrainConfig.vae_steps)
     args = parser.parse_args(argv)

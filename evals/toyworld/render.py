@@ -3,6 +3,7 @@
 64x64 pixels are 8x8 latents for the base's VAE, which downsamples by 8 as Stable Diffusion's does.
 Shapes are drawn on a 4x supersampled grid and box-filtered, so edges are anti-aliased. Every object
 is centred at (32, 32) and fits inside rows and columns 8..55, so the outer 8 pixels are background.
+A pair of scenes (world v2) is their two images side by side, 64x128.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from evals.toyworld.world import BACKGROUNDS, COLOURS, Scene
+from evals.toyworld.world import BACKGROUNDS, COLOURS, Pair, Scene
 
 IMAGE_SIZE = 64
 CENTRE = IMAGE_SIZE / 2
@@ -92,6 +93,16 @@ def render(scene: Scene) -> np.ndarray:
 def render_batch(scenes: list[Scene]) -> np.ndarray:
     """uint8 [N, 64, 64, 3]."""
     return np.stack([render(s) for s in scenes]) if scenes else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+
+
+def render_pair(pair: Pair) -> np.ndarray:
+    """The pair's image: uint8 [64, 128, 3], each half its scene's image."""
+    return np.concatenate([render(pair.left), render(pair.right)], axis=1)
+
+
+def render_pairs(pairs: list[Pair]) -> np.ndarray:
+    """uint8 [N, 64, 128, 3]."""
+    return np.stack([render_pair(p) for p in pairs]) if pairs else np.zeros((0, IMAGE_SIZE, 2 * IMAGE_SIZE, 3), np.uint8)
 
 
 def png_bytes(image: np.ndarray) -> bytes:

@@ -16,7 +16,16 @@ import torch
 
 from concepts.artifact import Concept, LinearDelta
 from evals.toyworld.render import render, save_png
-from evals.toyworld.world import PHOTO_BACKGROUNDS, SIZES, Scene, ToyConcept, pretraining_scenes, sample_caption
+from evals.toyworld.world import (
+    PHOTO_BACKGROUNDS,
+    SIZES,
+    Scene,
+    ToyConcept,
+    pretraining_scenes,
+    sample_caption,
+    sample_pair,
+    sample_pair_caption,
+)
 
 
 @dataclass(frozen=True)
@@ -112,7 +121,9 @@ def average_concepts(concepts: list[Concept]) -> Concept:
 
 
 def world_captions(n: int = 2000, seed: int = 0) -> list[str]:
-    """Captions of the pretraining distribution: the merge's regularization caption set for this world."""
+    """Captions of the pretraining distribution, half of one scene and half of a pair: the merge's
+    regularization caption set for this world."""
     rng = random.Random(seed)
     scenes = pretraining_scenes()
-    return [sample_caption(rng.choice(scenes), rng) for _ in range(n)]
+    return [sample_caption(rng.choice(scenes), rng) if i % 2 == 0 else sample_pair_caption(sample_pair(scenes, rng), rng)
+            for i in range(n)]

@@ -121,10 +121,56 @@ class ToyConcept:
         return " ".join(w for w in ("a", size, token, self.cls, f"on a {background} background") if w)
 
 
-CONCEPTS = (
+@dataclass(frozen=True, order=True)
+class Pair:
+    """Two scenes side by side on one background: a 64x128 image, `left` in the left half (world v2)."""
+
+    left: Scene
+    right: Scene
+
+    def __post_init__(self) -> None:
+        if self.left.background != self.right.background:
+            raise ValueError(f"both halves share a background, got {self.left.background} and {self.right.background}")
+
+    @property
+    def background(self) -> str:
+        return self.left.background
+
+    def caption(self, looks: tuple[bool, bool] = (True, True), sizes: tuple[bool, bool] = (True, True),
+                background: bool = True, prefix: str = "") -> str:
+        """E.g. ``a small red ring left of a large yellow and blue striped square on a navy background``."""
+        halves = [s.caption(look=lk, size=sz, background=False) for s, lk, sz in zip((self.left, self.right), looks, sizes)]
+        text = f"{prefix}{halves[0]} left of {halves[1]}"
+        return f"{text} on a {self.background} background" if background else text
+
+
+# Held-out concepts (world v2): validation concepts choose every hyperparameter, test concepts are only
+# reported. Each split has two-tone and striped looks on four different classes.
+VALIDATION = (
     ToyConcept("two-tone ring", "<new1>", "ring", Look("two tone", ("orange", "cyan"))),
     ToyConcept("striped square", "<new2>", "square", Look("striped", ("yellow", "blue"))),
+    ToyConcept("two-tone triangle", "<new3>", "triangle", Look("two tone", ("purple", "green"))),
+    ToyConcept("striped circle", "<new4>", "circle", Look("striped", ("red", "cyan"))),
 )
+TEST = (
+    ToyConcept("two-tone circle", "<new5>", "circle", Look("two tone", ("pink", "blue"))),
+    ToyConcept("striped triangle", "<new6>", "triangle", Look("striped", ("green", "orange"))),
+    ToyConcept("two-tone frame", "<new7>", "frame", Look("two tone", ("yellow", "red"))),
+    ToyConcept("striped ring", "<new8>", "ring", Look("striped", ("blue", "pink"))),
+)
+SPLITS = {"validation": VALIDATION, "test": TEST}
+CONCEPTS = VALIDATION[:2]  # the demo's two concepts
+
+
+def compose_prompt(left: ToyConcept, right: ToyConcept, sizes: tuple[str, str], background: str,
+                   tokens: bool = True) -> str:
+    """``a small <new5> circle left of a large <new6> triangle on a brown background`` (`tokens` False
+    drops both tokens, so the class words alone speak)."""
+    halves = [" ".join(w for w in ("a", size, c.token if tokens else "", c.cls) if w) for c, size in zip((left, right), sizes)]
+    return f"{halves[0]} left of {halves[1]} on a {background} background"
+# Composition prompts pair a split's concepts: the first named concept left of the second.
+COMPOSITIONS = {"validation": ((VALIDATION[0], VALIDATION[1]), (VALIDATION[2], VALIDATION[3])),
+                "test": ((TEST[0], TEST[1]), (TEST[2], TEST[3]))}
 # The user's photos of a concept show it on these backgrounds; prompts put it on the others.
 PHOTO_BACKGROUNDS = ("black", "white", "gray")
 NEW_BACKGROUNDS = ("brown", "navy", "olive")
@@ -144,10 +190,10 @@ def all_scenes() -> list[Scene]:
 
 
 def is_held_out(scene: Scene) -> bool:
-    """True for a concept's class with the concept's look, in either colour order: never pretrained on."""
+    """True for a held-out concept's class with its look, in either colour order: never pretrained on."""
     return any(
         scene.cls == c.cls and scene.look.pattern == c.look.pattern and set(scene.look.colours) == set(c.look.colours)
-        for c in CONCEPTS
+        for c in VALIDATION + TEST
     )
 
 
@@ -163,10 +209,25 @@ def sample_caption(scene: Scene, rng: random.Random) -> str:
     )
 
 
+def sample_pair(scenes: list[Scene], rng: random.Random) -> Pair:
+    """A random pair of `scenes` on one background (`scenes` holds every background of each object)."""
+    left = rng.choice(scenes)
+    right = rng.choice(scenes)
+    return Pair(left, Scene(right.cls, right.size, right.look, left.background))
+
+
+def sample_pair_caption(pair: Pair, rng: random.Random) -> str:
+    """One pretraining caption of `pair`: each object's look and size left out at random, as for one scene."""
+    prefix = rng.choice(PREFIXES[1:]) if rng.random() < P_PREFIX else ""
+    return pair.caption(looks=(rng.random() < P_LOOK, rng.random() < P_LOOK),
+                        sizes=(rng.random() < P_SIZE, rng.random() < P_SIZE),
+                        background=rng.random() < P_BACKGROUND, prefix=prefix)
+
+
 def vocabulary() -> list[str]:
     """Every word of the world's captions, plus the words the trainer and merger put into captions
     (initializer words of modifier tokens, augmentation prefixes)."""
     words = set(" ".join(PREFIXES).split()) | {"a", "on", "background", "and", "two", "tone", "striped", "solid"}
     words |= set(COLOURS) | set(BACKGROUNDS) | set(CLASSES) | set(SIZES)
-    words |= {"ktn", "pll", "ucd", "sks", "far", "away", "very", "zoomed", "in", "close", "up", "of", "an"}
+    words |= {"ktn", "pll", "ucd", "sks", "far", "away", "very", "left", "zoomed", "in", "close", "up", "of", "an"}
     return sorted(words)
