@@ -199,8 +199,8 @@ def outcomes(jobs: list[Job], images: list[np.ndarray]) -> list[dict[str, list]]
         if job.kind == "compose":
             a, b = job.concepts
             parses = parse_pair_images(batch)
-            left = [p.left.recognized and (p.left.scene.cls, p.left.scene.look) == (a.cls, a.look) for p in parses]
-            right = [p.right.recognized and (p.right.scene.cls, p.right.scene.look) == (b.cls, b.look) for p in parses]
+            left = [image_outcome(p.left, a) == "hit" for p in parses]
+            right = [image_outcome(p.right, b) == "hit" for p in parses]
             text = [p.recognized and text_hit(p.left, a.cls, job.background, job.sizes[0])
                     and text_hit(p.right, b.cls, job.background, job.sizes[1]) for p in parses]
             out.append({"text": text, "left": left, "right": right, "both": [x and y for x, y in zip(left, right)]})

@@ -4,8 +4,8 @@
 
 Stage 1 trains the AutoencoderKL on the rendered pretraining scenes. Stage 2 encodes every pretraining
 scene once and trains the UNet and the CLIP text encoder together on (latent, caption) pairs, half the
-steps on single scenes (8x8 latents) and half on pairs of scenes side by side (8x16 latents, the two
-scenes' latents concatenated, captioned "... left of ..."; world v2): epsilon
+steps on single scenes (8x8 latents) and half on pairs of scenes side by side (8x16 latents, each pair
+encoded as one image, captioned "... left of ..."; world v2): epsilon
 prediction on Stable Diffusion's noise schedule, 10% empty captions for classifier-free guidance,
 min-SNR loss weighting, AdamW with warmup and cosine decay, and an EMA of the weights, which is what
 gets saved. Both stages checkpoint to the work directory every `checkpoint_every` steps (with every
@@ -47,7 +47,7 @@ class PretrainConfig:
     vae_batch: int = 32
     vae_lr: float = 1e-3
     kl_weight: float = 1e-6
-    steps: int = 6000
+    steps: int = 5000
     batch: int = 64  # single scenes per step; a step on pairs takes batch / 2 pairs (the same latent cells)
     pairs: float = 0.5  # fraction of steps (in both stages) on pairs
     pair_pool: int = 24000  # pairs drawn once (seeded); each step's pairs come from these
@@ -118,14 +118,14 @@ def pair_pool(cfg: PretrainConfig) -> list[Pair]:
     return [sample_pair(scenes, rng) for _ in range(cfg.pair_pool)]
 
 
-def train_vae(cfg: PretrainConfig, vae, work: Path) -> None:
+def train_vae(cfg: PretrainConfig, vae, pairs: list[Pair], work: Path) -> None:
     """Stage 1: L1 + L2 reconstruction with a small KL term, on uniformly drawn pretraining scenes (a
     `cfg.pairs` share of the steps on half as many pairs: the norms and the attention see both shapes).
 
     The posterior's log-variance starts at -10: from its default of 0, unit-variance noise on every
     latent drowns the signal and reconstruction only starts once the encoder has learned to shrink it.
     """
-    scenes, pairs = pretraining_scenes(), pair_pool(cfg)
+    scenes = pretraining_scenes()
     with torch.no_grad():
         vae.quant_conv.bias[vae.config.latent_channels :] = LOGVAR_INIT
     images = _images(scenes)
@@ -266,8 +266,9 @@ def pretrain(cfg: PretrainConfig, out: str | Path, work: str | Path) -> Path:
     torch.manual_seed(cfg.seed)
     tokenizer = models.build_tokenizer()
     vae, unet, text_encoder = models.build_vae(), models.build_unet(), models.build_text_encoder(tokenizer)
-    train_vae(cfg, vae, work)
-    latents, pairs = encode_scenes(vae, pretraining_scenes()), pair_pool(cfg)
+    pairs = pair_pool(cfg)
+    train_vae(cfg, vae, pairs, work)
+    latents = encode_scenes(vae, pretraining_scenes())
     pair_latents = encode_pairs(vae, pairs)
     scaling = 1.0 / latents.std().item()  # as SD's 0.18215: unit-variance latents for the UNet
     vae.register_to_config(scaling_factor=scaling)
